@@ -1,0 +1,220 @@
+"""Experiment configuration: a TOML file maps one-to-one onto these frozen, typed objects.
+
+The CLI and the Python API take the same objects. Unknown keys are rejected with a suggestion,
+and every problem in a file is reported at once.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import itertools
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from optimize.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(Section):
+    """The task model: a spec (see optimize.models) and how llama.cpp runs it."""
+
+    spec: str = "smollm2-135m"
+    n_ctx: int = Field(4096, ge=256, le=131072)
+    n_threads: int | None = Field(None, ge=1, description="CPU threads; default: all cores")
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    max_tokens: int = Field(256, ge=1)
+    seed: int = 0
+    cache: bool = Field(True, description="DSPy's response cache, keyed on the model file's sha256")
+    engine: Literal["batched", "sequential"] = "batched"
+    parallel: int = Field(16, ge=1, le=64, description="sequences decoded together by the batched engine")
+    overflow: Literal["fail", "truncate"] = Field("fail", description="what to do with a prompt longer than n_ctx")
+
+
+class DataConfig(Section):
+    """Which examples: a named dataset (chainopt datasets list) or a user's own file or Hub dataset."""
+
+    dataset: str = "banking77"
+    train: int = Field(50, ge=0)
+    dev: int = Field(0, ge=0)
+    test: int = Field(50, ge=0)
+    seed: int = 0
+    # A user's own data: a local .jsonl/.csv/.parquet path or hf:<dataset> (online), with field mapping.
+    path: str | None = None
+    split: str | None = Field(None, description="Hub split to read, e.g. 'train'")
+    inputs: dict[str, str] | None = Field(None, description="program input name -> column in the file")
+    answer: str | None = Field(None, description="column holding the gold answer")
+    task: Literal["intent", "math", "qa"] | None = None
+    skip_malformed: bool = False
+
+
+class ProgramConfig(Section):
+    name: str = "intent.predict"
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+
+class OptimizerConfig(Section):
+    name: str = "none"
+    settings: dict[str, Any] = Field(default_factory=dict)
+    teacher: ModelConfig | None = Field(None, description="teacher / prompt / reflection model; default: the task model")
+
+
+class BudgetConfig(Section):
+    run_tokens: int | None = Field(None, ge=1, description="hard ceiling on all tokens of one child run")
+    chain_tokens: int | None = Field(None, ge=1, description="hard ceiling on the tokens of one chain")
+    max_retries: int = Field(2, ge=0, description="validator-driven retries per step")
+
+
+class CostConfig(Section):
+    """Prices for the money column; energy falls back to CPU-seconds x watts when RAPL is unreadable."""
+
+    usd_per_hour: float = Field(0.0, ge=0)
+    usd_per_m_input: float = Field(0.0, ge=0)
+    usd_per_m_output: float = Field(0.0, ge=0)
+    watts_per_core: float = Field(15.0, ge=0)
+
+
+class TrackingConfig(Section):
+    uri: str | None = Field(None, description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI or the project store")
+    experiment: str | None = None
+    traces: bool = False
+
+
+class EvalConfig(Section):
+    threads: int = Field(16, ge=1, le=64)
+    split: Literal["train", "dev", "test"] = "test"
+
+
+class Experiment(Section):
+    """A whole experiment file; `models x programs x optimizers x seeds` is the sweep."""
+
+    name: str
+    description: str = ""
+    models: tuple[ModelConfig, ...] = (ModelConfig(),)
+    data: DataConfig = DataConfig()
+    programs: tuple[ProgramConfig, ...] = (ProgramConfig(),)
+    optimizers: tuple[OptimizerConfig, ...] = (OptimizerConfig(),)
+    seeds: tuple[int, ...] = (0,)
+    budget: BudgetConfig = BudgetConfig()
+    cost: CostConfig = CostConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _non_empty(self) -> "Experiment":
+        for key in ("models", "programs", "optimizers", "seeds"):
+            if not getattr(self, key):
+                raise ValueError(f"{key} must list at least one entry")
+        return self
+
+    def combinations(self) -> list["Trial"]:
+        return [Trial(experiment=self.name, model=m, data=self.data, program=p, optimizer=o, seed=s,
+                      budget=self.budget, cost=self.cost, eval=self.eval)
+                for m, p, o, s in itertools.product(self.models, self.programs, self.optimizers, self.seeds)]
+
+
+class Trial(Section):
+    """One fully resolved combination of a sweep: what one MLflow child run records."""
+
+    experiment: str
+    model: ModelConfig
+    data: DataConfig
+    program: ProgramConfig
+    optimizer: OptimizerConfig
+    seed: int
+    budget: BudgetConfig
+    cost: CostConfig
+    eval: EvalConfig
+
+    def config_hash(self) -> str:
+        """Identity of a trial's resolved config: a finished child run with this hash is not recomputed."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def flat_params(self) -> dict[str, Any]:
+        """Every setting as dotted MLflow params (autolog misses constructor settings)."""
+        return dict(_flatten(self.model_dump(mode="json", exclude={"experiment"})))
+
+
+def _flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(value, dict):
+        return [kv for k, v in value.items() for kv in _flatten(v, f"{prefix}{k}.")]
+    return [(prefix.rstrip("."), value)]
+
+
+# TOML table names a user writes -> field names (singular tables read more naturally for one entry).
+_ALIASES = {"model": "models", "program": "programs", "optimizer": "optimizers"}
+
+
+def _normalise(raw: dict[str, Any]) -> dict[str, Any]:
+    data = dict(raw)
+    for short, long in _ALIASES.items():
+        if short in data:
+            if long in data:
+                raise ConfigError(f"use either [{short}] or [[{long}]], not both")
+            value = data.pop(short)
+            data[long] = value if isinstance(value, list) else [value]
+    return data
+
+
+def _suggest(key: str, allowed: list[str]) -> str:
+    close = difflib.get_close_matches(key, allowed, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _format_errors(source: str, error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        loc = ".".join(str(p) for p in item["loc"])
+        if item["type"] == "extra_forbidden":
+            owner = _owner_model(item["loc"][:-1])
+            allowed = sorted(owner.model_fields) if owner else []
+            hint = _suggest(str(item["loc"][-1]), allowed)
+            lines.append(f"{source}: unknown key {loc!r}{hint}; allowed: {', '.join(allowed)}")
+        else:
+            lines.append(f"{source}: {loc or '<top>'} = {item.get('input')!r}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def _owner_model(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = Experiment
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ())
+        candidates = [annotation, *args]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    return model
+
+
+def parse_experiment(raw: dict[str, Any], source: str = "<config>") -> Experiment:
+    try:
+        return Experiment.model_validate(_normalise(raw))
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(source, exc)) from None
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Read and validate an experiment file; every error names the file, key, value and what is allowed."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"experiment file not found: {path}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    raw.setdefault("name", path.stem)
+    return parse_experiment(raw, str(path))

