@@ -1,0 +1,238 @@
+"""The DSPy 3.4 engine that runs a GGUF model in-process with llama.cpp.
+
+`LlamaEngine.complete(Request) -> Response` is what `dspy.LM(engine=...)` calls. It formats the
+chat with the model's own template, decodes under the JSON-schema grammar the adapter asks for (so
+answers always parse), counts exact usage (input tokens computed vs reused from the KV cache, output
+tokens, seconds) and hands the actual decoding to a backend:
+
+  sequential  one llama.cpp context behind a lock; reuses the longest common prefix with the previous call
+  batched     many sequences decoded together with prefix sharing (optimize.batching)
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterator, Literal, Protocol
+
+import dspy
+from dspy import lm15
+from dspy.lm15 import Message, Response, TextPart, Usage
+
+from optimize import cost
+from optimize.config import ModelConfig
+from optimize.errors import ModelError
+from optimize.models import ModelInfo, describe
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One completion job, independent of how a backend decodes it."""
+
+    tokens: tuple[int, ...]
+    max_tokens: int
+    temperature: float = 0.0
+    seed: int = 0
+    grammar: str | None = None  # GBNF text
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    n_prompt: int
+    n_reused: int
+    n_output: int
+    finish_reason: Literal["stop", "length"]
+
+
+class Backend(Protocol):
+    def generate(self, job: Generation) -> Completion: ...
+
+    def close(self) -> None: ...
+
+
+def load_llama(info: ModelInfo, cfg: ModelConfig, **extra):
+    """Load the model with llama.cpp; a file llama.cpp cannot read is a ModelError, not a crash."""
+    import llama_cpp
+
+    try:
+        return llama_cpp.Llama(model_path=info.path, n_ctx=cfg.n_ctx, n_batch=min(512, cfg.n_ctx),
+                               n_threads=cfg.n_threads or os.cpu_count(), seed=cfg.seed, verbose=False, **extra)
+    except (ValueError, RuntimeError) as exc:
+        raise ModelError(f"llama.cpp cannot load {info.path}: {exc}") from exc
+
+
+@functools.lru_cache(maxsize=64)
+def schema_grammar(schema_json: str) -> str:
+    """GBNF for a JSON schema; cached because DSPy sends the same schema for every call of a predictor."""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    return json_schema_to_gbnf(schema_json)
+
+
+class SequentialBackend:
+    """One context, one call at a time: the simple path, and the reference the batched one must match."""
+
+    def __init__(self, llama):
+        self.llama = llama
+        self.lock = threading.Lock()
+
+    def _reusable_prefix(self, tokens: list[int]) -> int:
+        # Mirrors Llama.generate: the longest common prefix with what the context holds is kept,
+        # except that the last prompt token is recomputed to refresh the logits.
+        held = self.llama._input_ids[: self.llama.n_tokens]
+        lcp = 0
+        for a, b in zip(held, tokens):
+            if a != b:
+                break
+            lcp += 1
+        return lcp - 1 if lcp == len(tokens) else lcp
+
+    def generate(self, job: Generation) -> Completion:
+        from llama_cpp.llama_grammar import LlamaGrammar
+
+        grammar = LlamaGrammar.from_string(job.grammar, verbose=False) if job.grammar else None
+        tokens = list(job.tokens)
+        with self.lock:
+            reused = max(0, self._reusable_prefix(tokens))
+            out = self.llama.create_completion(
+                prompt=tokens, max_tokens=job.max_tokens, temperature=job.temperature, seed=job.seed,
+                top_p=job.top_p, top_k=job.top_k, min_p=0.0, repeat_penalty=1.0, grammar=grammar)
+        choice = out["choices"][0]
+        return Completion(text=choice["text"], n_prompt=len(tokens), n_reused=reused,
+                          n_output=out["usage"]["completion_tokens"],
+                          finish_reason="length" if choice["finish_reason"] == "length" else "stop")
+
+    def close(self) -> None:
+        self.llama.close()
+
+
+class LlamaEngine:
+    """A DSPy engine over a local GGUF model. Thread-safe: DSPy's Evaluate and optimizers call it from threads."""
+
+    supports_response_schema = True
+    supported_params = frozenset({"response_format", "temperature", "max_tokens", "seed", "top_p", "top_k"})
+
+    def __init__(self, info: ModelInfo, cfg: ModelConfig, backend: Backend | None = None):
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        self.info, self.cfg = info, cfg
+        self.llama = load_llama(info, cfg) if backend is None else getattr(backend, "llama")
+        self.backend = backend or self._default_backend()
+        template = self.llama.metadata.get("tokenizer.chat_template") or CHATML
+        token = lambda i: self.llama.detokenize([i], special=True).decode("utf-8", "replace") if i >= 0 else ""
+        self.formatter = Jinja2ChatFormatter(template, eos_token=token(self.llama.token_eos()),
+                                             bos_token=token(self.llama.token_bos()))
+        self._sample_seeds = itertools.count(cfg.seed + 1)
+        self._seed_lock = threading.Lock()
+        self.totals = cost.Usage()
+        self._totals_lock = threading.Lock()
+
+    def _default_backend(self) -> Backend:
+        if self.cfg.engine == "batched":
+            from optimize.batching import BatchedBackend
+
+            return BatchedBackend(self.llama, parallel=self.cfg.parallel)
+        return SequentialBackend(self.llama)
+
+    # -- prompt ---------------------------------------------------------------------------------
+    def tokenize_chat(self, request: lm15.Request) -> list[int]:
+        messages = []
+        if request.system is not None:
+            system = request.system if isinstance(request.system, str) else "".join(p.text for p in request.system)
+            messages.append({"role": "system", "content": system})
+        messages.extend({"role": m.role, "content": m.text or ""} for m in request.messages)
+        result = self.formatter(messages=messages)
+        return self.llama.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True)
+
+    def _fit(self, tokens: list[int], max_tokens: int) -> tuple[list[int], int]:
+        """Apply the overflow policy: fail with DSPy's context-window error, or cut the middle of the prompt."""
+        n_ctx = self.cfg.n_ctx
+        if len(tokens) + max_tokens <= n_ctx:
+            return tokens, max_tokens
+        if self.cfg.overflow == "fail":
+            raise lm15.ContextLengthError(
+                f"prompt of {len(tokens)} tokens + max_tokens {max_tokens} exceeds the context window "
+                f"n_ctx={n_ctx} of {self.info.name}")
+        max_tokens = min(max_tokens, max(16, n_ctx // 8))
+        room = n_ctx - max_tokens
+        if len(tokens) > room:
+            head = room // 2
+            tokens = tokens[:head] + tokens[len(tokens) - (room - head):]
+        return tokens, max_tokens
+
+    def _seed(self, request: lm15.Request, temperature: float) -> int:
+        if request.config.seed is not None:
+            return request.config.seed
+        if temperature == 0:
+            return self.cfg.seed
+        # Sampling without a seed (Refine/BestOfN rollouts) must give fresh samples each call,
+        # reproducibly for a run: draw from a counter started at the configured seed.
+        with self._seed_lock:
+            return next(self._sample_seeds)
+
+    # -- the engine contract ----------------------------------------------------------------------
+    def complete(self, request: lm15.Request) -> Response:
+        cost.check_budgets()
+        conf = request.config
+        temperature = self.cfg.temperature if conf.temperature is None else conf.temperature
+        grammar = None
+        if conf.response_format and conf.response_format.get("schema"):
+            grammar = schema_grammar(json.dumps(conf.response_format["schema"], sort_keys=True))
+        elif conf.response_format and conf.response_format.get("type") == "json_object":
+            grammar = schema_grammar(json.dumps({"type": "object"}))
+        tokens, max_tokens = self._fit(self.tokenize_chat(request), conf.max_tokens or self.cfg.max_tokens)
+        job = Generation(tokens=tuple(tokens), max_tokens=max_tokens, temperature=temperature,
+                         seed=self._seed(request, temperature), grammar=grammar,
+                         top_p=conf.top_p if conf.top_p is not None else 1.0, top_k=conf.top_k or 0)
+        start = time.perf_counter()
+        done = self.backend.generate(job)
+        call = cost.Usage(input_computed=done.n_prompt - done.n_reused, input_reused=done.n_reused,
+                          output=done.n_output, calls=1, seconds=time.perf_counter() - start)
+        with self._totals_lock:
+            self.totals = self.totals + call
+        cost.record(call)
+        return Response(id=None, model=request.model, message=Message.assistant([TextPart(done.text)]),
+                        finish_reason=done.finish_reason,
+                        usage=Usage(input_tokens=done.n_prompt, output_tokens=done.n_output,
+                                    cache_read_tokens=done.n_reused))
+
+    def stream(self, request: lm15.Request) -> Iterator:
+        return lm15.response_to_events(self.complete(request))
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+# Used only when a GGUF file carries no chat template.
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+_engines: dict[tuple, LlamaEngine] = {}
+_engines_lock = threading.Lock()
+
+
+def get_engine(cfg: ModelConfig) -> LlamaEngine:
+    """One engine per (model file, runtime settings) in a process: loading is paid once per sweep."""
+    info = describe(cfg.spec)
+    key = (info.sha256, cfg.n_ctx, cfg.n_threads, cfg.engine, cfg.parallel, cfg.overflow)
+    with _engines_lock:
+        if key not in _engines:
+            _engines[key] = LlamaEngine(info, cfg)
+        return _engines[key]
+
+
+def build_lm(cfg: ModelConfig) -> dspy.LM:
+    """A dspy.LM on the local model. The model name carries the file's sha256, so DSPy's cache never
+    mixes answers of two different model files."""
+    engine = get_engine(cfg)
+    name = f"llamacpp/{engine.info.name}@{engine.info.sha256[:16]}"
+    return dspy.LM(name, engine=engine, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
+                   cache=cfg.cache, num_retries=0)
