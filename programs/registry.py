@@ -1,0 +1,120 @@
+"""The contract every program keeps: what a task looks like, how a program is declared, what it reports."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Mapping, Protocol
+
+import dspy
+from dspy.utils.exceptions import AdapterParseError
+
+from optimize.errors import ConfigError
+
+TaskKind = Literal["intent", "math", "qa"]
+Metric = Callable[..., Any]  # metric(gold, pred, trace=None, pred_name=None, pred_trace=None)
+
+
+class TaskLike(Protocol):
+    """The fields of `optimize.data.Task` that programs read (duck-typed, so programs do not depend on data)."""
+
+    name: str
+    kind: str
+    input_fields: tuple[str, ...]
+    answer_field: str
+    labels: tuple[str, ...] | None
+
+
+@dataclass(frozen=True)
+class ProgramSpec:
+    """A named program: which tasks it fits, how to build it, how to score it, which settings it takes."""
+
+    name: str
+    kind: TaskKind
+    description: str
+    builder: Callable[..., dspy.Module] = field(repr=False)
+    metric_for: Callable[[TaskLike], Metric] = field(repr=False)
+    settings: Mapping[str, int] = field(default_factory=dict)  # allowed settings and their defaults
+
+    def build(self, task: TaskLike, **settings: Any) -> dspy.Module:
+        """A fresh module for `task`; unknown or invalid settings raise ConfigError naming what is allowed."""
+        if task.kind != self.kind:
+            raise ConfigError(f"program {self.name} is for {self.kind} tasks, but task {task.name} is {task.kind}")
+        if self.kind == "intent" and not task.labels:
+            raise ConfigError(f"program {self.name} needs the label set of task {task.name}, which has none")
+        unknown = sorted(set(settings) - set(self.settings))
+        if unknown:
+            allowed = ", ".join(self.settings) or "none"
+            raise ConfigError(f"program {self.name} has no setting {', '.join(unknown)}; allowed: {allowed}")
+        for key, value in settings.items():
+            if type(value) is not int or value < 0:
+                raise ConfigError(f"program setting {key} must be a whole number >= 0, got {value!r}")
+        return self.builder(task, **{**self.settings, **settings})
+
+    def metric(self, task: TaskLike) -> Metric:
+        """The metric for this program on `task` (usable by Evaluate, BootstrapFewShot, MIPROv2 and GEPA)."""
+        return self.metric_for(task)
+
+
+@dataclass
+class Record:
+    """What one program call did, returned on its Prediction next to the answer."""
+
+    steps: int = 0  # LM calls made
+    validator_failures: int = 0
+    retries: int = 0
+    trace_notes: list[str] = field(default_factory=list)
+
+    def note(self, text: str | None) -> None:
+        if text:
+            self.trace_notes.append(text)
+
+    def fail(self, text: str) -> None:
+        self.validator_failures += 1
+        self.trace_notes.append(text)
+
+    def prediction(self, **outputs: Any) -> dspy.Prediction:
+        return dspy.Prediction(
+            **outputs,
+            steps=self.steps,
+            validator_failures=self.validator_failures,
+            retries=self.retries,
+            trace_notes=list(self.trace_notes),
+        )
+
+
+def lookup(name: str, table: Mapping[str, ProgramSpec]) -> ProgramSpec:
+    """The spec called `name`; ConfigError with "did you mean …? available: …" on a miss."""
+    if name in table:
+        return table[name]
+    close = difflib.get_close_matches(name, list(table), n=3, cutoff=0.5)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    raise ConfigError(f"unknown program {name!r}; {hint}available: {', '.join(sorted(table))}")
+
+
+class UnreadableOutput(ValueError):
+    """An LM answer that the adapter could not parse and that holds no value for the wanted field."""
+
+
+def ask(predictor: dspy.Module, output: str, inputs: Mapping[str, Any]) -> tuple[Any, str | None]:
+    """The `output` value of one predictor call, and a note when it had to be read from an unparsed answer.
+
+    A typed field (a Literal label, a float) makes the adapter reject near misses such as `"Card Arrival"`
+    or `"72 apples"`; the raw text is handed back instead, so that the validators can normalise it.
+    """
+    try:
+        return getattr(predictor(**inputs), output), None
+    except AdapterParseError as e:
+        raw = _raw_field(e, output)
+        if raw is None:
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UnreadableOutput(f"the answer could not be read: {first_line}") from None
+        return raw, f"{output} read from an unparsed answer: {raw!r}"
+
+
+def _raw_field(error: AdapterParseError, output: str) -> str | None:
+    if isinstance(error.parsed_result, dict) and error.parsed_result.get(output) is not None:
+        return str(error.parsed_result[output])
+    match = re.search(rf"\[\[ ## {re.escape(output)} ## \]\]\s*(.*?)\s*(?:\[\[ ## |$)", str(error.lm_response), re.S)
+    return match.group(1) if match and match.group(1) else None

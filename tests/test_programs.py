@@ -1,0 +1,308 @@
+import inspect
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import dspy
+import pytest
+from dspy.utils.dummies import DummyLM
+
+from optimize import cost
+from optimize.errors import ConfigError
+from programs import get_program, list_programs
+from programs.intent import OTHER_GROUP, derive_groups
+from programs.metrics import LabelMatch, NumericMatch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _banking77_labels() -> tuple[str, ...]:
+    for folder in (ROOT / "datasets" / "banking77", Path("/work/shared/datasets/banking77")):
+        if (folder / "categories.json").exists():
+            return tuple(json.loads((folder / "categories.json").read_text()))
+    pytest.skip("banking77 categories.json not found")
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    kind: str
+    input_fields: tuple[str, ...]
+    answer_field: str
+    labels: tuple[str, ...] | None = None
+
+
+LABELS = _banking77_labels()
+INTENT = Task("banking77", "intent", ("query",), "intent", LABELS)
+MATH = Task("gsm8k", "math", ("question",), "answer")
+# One scripted answer per LM call, no silent JSONAdapter retry that would eat the next answer.
+ADAPTER = dspy.ChatAdapter(use_json_adapter_fallback=False)
+
+PLAN = {"steps": [{"question": "How many in May?", "expression": "48 / 2"},
+                  {"question": "How many altogether?", "expression": "48 + #1"}]}
+SCRIPTS = {
+    "intent.predict": (INTENT, [{"intent": "card_arrival"}], "card_arrival", 1),
+    "intent.cot": (INTENT, [{"reasoning": "It asks about delivery.", "intent": "card_arrival"}], "card_arrival", 1),
+    "intent.chain": (INTENT, [{"group": "new_card"}, {"intent": "card_arrival"}], "card_arrival", 2),
+    "math.predict": (MATH, [{"answer": "72"}], 72, 1),
+    "math.cot": (MATH, [{"reasoning": "48 + 24", "answer": "72"}], 72, 1),
+    "math.chain": (MATH, [PLAN], 72, 1),
+}
+INPUTS = {"intent": {"query": "Where is my new card?"}, "math": {"question": "Natalia sold 48 clips..."}}
+
+
+def run(program, answers, **inputs):
+    lm = DummyLM(answers)
+    with dspy.context(lm=lm, adapter=ADAPTER):
+        return program(**inputs), lm
+
+
+# ---------------------------------------------------------------- registry
+
+
+def test_registry_lists_the_six_programs():
+    assert [spec.name for spec in list_programs()] == sorted(SCRIPTS)
+    assert [spec.name for spec in list_programs("math")] == ["math.chain", "math.cot", "math.predict"]
+    for spec in list_programs():
+        assert spec.description and spec.kind in ("intent", "math")
+
+
+def test_unknown_program_suggests_names():
+    with pytest.raises(ConfigError, match=r"did you mean intent\.chain.*available: intent\.chain, intent\.cot"):
+        get_program("intent.chian")
+
+
+def test_build_rejects_wrong_task_kind_and_settings():
+    with pytest.raises(ConfigError, match="is for intent tasks"):
+        get_program("intent.predict").build(MATH)
+    with pytest.raises(ConfigError, match="no setting max_retrys; allowed: max_retries"):
+        get_program("math.chain").build(MATH, max_retrys=3)
+    with pytest.raises(ConfigError, match="no setting max_retries; allowed: none"):
+        get_program("math.predict").build(MATH, max_retries=3)
+    with pytest.raises(ConfigError, match="whole number"):
+        get_program("math.chain").build(MATH, max_retries=-1)
+    with pytest.raises(ConfigError, match="label set"):
+        get_program("intent.chain").build(Task("t", "intent", ("query",), "intent", None))
+
+
+# ---------------------------------------------------------------- every program
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_program_runs_and_returns_answer_and_record(name):
+    task, answers, expected, steps = SCRIPTS[name]
+    prediction, _ = run(get_program(name).build(task), answers, **INPUTS[task.kind])
+    assert prediction[task.answer_field] == expected
+    assert (prediction.steps, prediction.validator_failures, prediction.retries) == (steps, 0, 0)
+    assert isinstance(prediction.trace_notes, list)
+    assert get_program(name).metric(task)(dspy.Example(**{task.answer_field: str(expected)}), prediction) == 1.0
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_program_survives_json_save_and_load(name, tmp_path):
+    task, answers, _, _ = SCRIPTS[name]
+    program = get_program(name).build(task)
+    for _, predictor in program.named_predictors():
+        predictor.demos = [dspy.Example(**INPUTS[task.kind], **answers[-1])]
+        predictor.signature = predictor.signature.with_instructions("Tuned instructions.")
+    path = tmp_path / "program.json"
+    program.save(str(path))
+    restored = get_program(name).build(task)
+    restored.load(str(path))
+    assert restored.dump_state() == program.dump_state()
+    assert json.loads(path.read_text())  # plain JSON, no pickle
+    prediction, _ = run(restored, answers, **INPUTS[task.kind])
+    assert prediction[task.answer_field] == SCRIPTS[name][2]
+
+
+def test_steps_are_metered_by_name():
+    class MeteredLM(DummyLM):
+        def __call__(self, *args, **kwargs):
+            cost.record(cost.Usage(calls=1, output=1))
+            return super().__call__(*args, **kwargs)
+
+    program = get_program("math.chain").build(MATH)
+    bad_plan = {"steps": [{"question": "q", "expression": "apples + 1"}]}
+    with cost.metered() as tally, dspy.context(lm=MeteredLM([bad_plan, PLAN]), adapter=ADAPTER):
+        program(**INPUTS["math"])
+    assert {name: usage.calls for name, usage in tally.by_step.items()} == {"plan": 1, "plan.retry": 1}
+
+
+# ---------------------------------------------------------------- intent chain
+
+
+def test_groups_cover_every_banking77_label_exactly_once():
+    groups = derive_groups(LABELS)
+    placed = Counter(label for members in groups.values() for label in members)
+    assert set(placed) == set(LABELS) and len(LABELS) == 77
+    assert set(placed.values()) == {1}
+    assert OTHER_GROUP not in groups  # every banking77 label matches a keyword
+    assert all(len(members) <= 12 for members in groups.values())
+
+
+def test_groups_put_unmatched_labels_in_other():
+    assert derive_groups(["weather", "top_up_failed"]) == {"top_up": ("top_up_failed",), OTHER_GROUP: ("weather",)}
+
+
+def test_chain_has_one_named_predictor_per_group():
+    names = [name for name, _ in get_program("intent.chain").build(INTENT).named_predictors()]
+    assert names[0] == "group" and names[-1] == "retry"
+    assert "fine['card']" in names and "fine['top_up']" in names
+
+
+def test_chain_retries_over_all_labels_with_the_rejection_as_feedback():
+    program = get_program("intent.chain").build(INTENT)
+    answers = [{"group": "top_up"}, {"intent": "card arival"}, {"intent": "card_arrival"}]
+    prediction, lm = run(program, answers, **INPUTS["intent"])
+    assert prediction.intent == "card_arrival" and prediction.group == "top_up"
+    assert (prediction.steps, prediction.validator_failures, prediction.retries) == (3, 1, 1)
+    assert "not an allowed label" in prediction.trace_notes[0]
+    retry_prompt = lm.history[-1]["messages"][-1]["content"]
+    assert "feedback" in retry_prompt and "card arival" in retry_prompt
+
+
+def test_chain_stops_at_the_retry_budget():
+    program = get_program("intent.chain").build(INTENT, max_retries=1)
+    answers = [{"group": "card"}, {"intent": "zzz"}, {"intent": "zzz"}, {"intent": "card_arrival"}]
+    prediction, lm = run(program, answers, **INPUTS["intent"])
+    assert prediction.intent is None
+    assert (prediction.steps, prediction.validator_failures, prediction.retries) == (3, 2, 1)
+    assert len(lm.history) == 3
+
+
+def test_chain_skips_the_label_call_for_a_one_label_group():
+    task = Task("small", "intent", ("query",), "intent", ("card_arrival", "top_up_failed"))
+    prediction, lm = run(get_program("intent.chain").build(task), [{"group": "top_up"}], query="top up failed")
+    assert prediction.intent == "top_up_failed" and prediction.steps == 1 and len(lm.history) == 1
+
+
+def test_near_miss_label_is_normalised_not_failed():
+    program = get_program("intent.predict").build(INTENT)
+    json_adapter = dspy.JSONAdapter()
+    with dspy.context(lm=DummyLM([{"intent": "Card Arrival"}], adapter=json_adapter), adapter=json_adapter):
+        prediction = program(**INPUTS["intent"])
+    assert prediction.intent == "card_arrival" and prediction.validator_failures == 0
+    assert "Card Arrival" in prediction.trace_notes[0]
+
+
+def test_unknown_label_is_a_recorded_failure_not_an_exception():
+    prediction, _ = run(get_program("intent.predict").build(INTENT), [{"intent": "weather"}], **INPUTS["intent"])
+    assert prediction.intent is None and prediction.validator_failures == 1
+
+
+# ---------------------------------------------------------------- math chain
+
+
+def test_math_chain_retries_with_the_calculator_error_as_feedback():
+    bad = {"steps": [{"question": "q", "expression": "__import__('os')"}]}
+    prediction, lm = run(get_program("math.chain").build(MATH), [bad, PLAN], **INPUTS["math"])
+    assert prediction.answer == 72
+    assert (prediction.steps, prediction.validator_failures, prediction.retries) == (2, 1, 1)
+    assert "only the functions" in lm.history[1]["messages"][-1]["content"]
+    assert prediction.trace_notes[-2:] == ["#1: 48 / 2 = 24", "#2: 48 + #1 = 72"]
+
+
+def test_math_chain_stops_at_the_retry_budget():
+    bad = {"steps": [{"question": "q", "expression": "1 / 0"}]}
+    prediction, lm = run(get_program("math.chain").build(MATH, max_retries=2), [bad, bad, bad, PLAN], **INPUTS["math"])
+    assert prediction.answer is None
+    assert (prediction.steps, prediction.validator_failures, prediction.retries) == (3, 3, 2)
+    assert len(lm.history) == 3
+    prompts = [call["messages"][-1]["content"] for call in lm.history]
+    assert len(set(prompts)) == 3  # each retry's input differs, so temperature 0 and the cache cannot repeat it
+
+
+def test_math_chain_treats_no_steps_as_a_failure():
+    prediction, _ = run(get_program("math.chain").build(MATH, max_retries=0), [{"steps": []}], **INPUTS["math"])
+    assert prediction.answer is None and "no steps" in prediction.trace_notes[0]
+
+
+def test_math_predict_reads_a_number_out_of_text():
+    prediction, _ = run(get_program("math.predict").build(MATH), [{"answer": "$1,200.50 total"}], **INPUTS["math"])
+    assert prediction.answer == 1200.5 and prediction.validator_failures == 0
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_numeric_metric():
+    metric = NumericMatch("answer")
+    gold = dspy.Example(answer="1200.5")
+    assert metric(gold, dspy.Prediction(answer="$1,200.50")) == 1.0
+    assert metric(dspy.Example(answer="72"), dspy.Prediction(answer="72 apples")) == 1.0
+    assert metric(dspy.Example(answer="3"), dspy.Prediction(answer=3.0000000001)) == 1.0
+    assert metric(dspy.Example(answer="3"), dspy.Prediction(answer=3.01)) == 0.0
+    assert metric(dspy.Example(answer="0"), dspy.Prediction(answer=1e-7)) == 1.0
+    assert metric(gold, dspy.Prediction(answer=None)) == 0.0
+
+
+def test_label_metric_normalises():
+    metric = LabelMatch("intent")
+    assert metric(dspy.Example(intent="card_arrival"), dspy.Prediction(intent=" Card Arrival")) == 1.0
+    assert metric(dspy.Example(intent="card_arrival"), dspy.Prediction(intent="card_linking")) == 0.0
+    assert metric(dspy.Example(intent="card_arrival"), dspy.Prediction(intent=None)) == 0.0
+
+
+def test_metrics_take_the_gepa_arguments_and_give_feedback():
+    metric = get_program("intent.chain").metric(INTENT)
+    inspect.signature(metric).bind(None, None, None, None, None)
+    dspy.GEPA(metric=metric, auto="light", reflection_lm=DummyLM([]))  # GEPA checks the metric's signature
+    pred = dspy.Prediction(intent="top_up_failed", trace_notes=["label in group top_up: 'x' is not an allowed label"])
+    gold = dspy.Example(intent="card_arrival")
+    result = metric(gold, pred, None, "group", [(None, {}, dspy.Prediction(group="top_up"))])
+    assert isinstance(result, dspy.Prediction) and result.score == metric(gold, pred) == 0.0
+    assert "card_arrival" in result.feedback and "not an allowed label" in result.feedback
+    assert "chose topic group 'top_up'; the correct one is 'new_card'" in result.feedback
+    right_group = metric(gold, pred, None, "group", [(None, {}, dspy.Prediction(group="new_card"))])
+    assert "right topic group" in right_group.feedback
+
+    math_metric = get_program("math.chain").metric(MATH)
+    pred = dspy.Prediction(answer=72, trace_notes=["#1: 48 / 2 = 24", "#2: 48 + #1 = 72"])
+    plain = math_metric(dspy.Example(answer="72"), pred)
+    result = math_metric(dspy.Example(answer="72"), pred, None, "plan", [(None, {}, {"steps": []})])
+    assert plain == 1.0 and result.score == plain and "#2: 48 + #1 = 72" in result.feedback
+
+
+def test_metric_works_with_evaluate():
+    program = get_program("math.predict").build(MATH)
+    devset = [dspy.Example(question="q1", answer="3").with_inputs("question"),
+              dspy.Example(question="q2", answer="4").with_inputs("question")]
+    with dspy.context(lm=DummyLM({"q1": {"answer": "3"}, "q2": {"answer": "5"}}), adapter=ADAPTER):
+        result = dspy.Evaluate(devset=devset, metric=get_program("math.predict").metric(MATH), num_threads=1)(program)
+    assert result.score == 50.0
+
+
+# ---------------------------------------------------------------- optimizers
+
+
+def test_bootstrap_few_shot_compiles_intent_predict():
+    spec = get_program("intent.predict")
+    trainset = [dspy.Example(query=q, intent=label).with_inputs("query")
+                for q, label in [("where is my card", "card_arrival"), ("top up failed", "top_up_failed")]]
+    lm = DummyLM({"where is my card": {"intent": "card_arrival"}, "top up failed": {"intent": "top_up_failed"}})
+    with dspy.context(lm=lm, adapter=ADAPTER):
+        optimizer = dspy.BootstrapFewShot(metric=spec.metric(INTENT), max_bootstrapped_demos=2, max_labeled_demos=0)
+        compiled = optimizer.compile(spec.build(INTENT), trainset=trainset)
+        assert compiled(query="where is my card").intent == "card_arrival"
+    assert len(compiled.classify.demos) == 2
+
+
+def test_bootstrap_few_shot_compiles_math_chain():
+    spec = get_program("math.chain")
+    trainset = [dspy.Example(question="Natalia sold 48 clips", answer="72").with_inputs("question")]
+    with dspy.context(lm=DummyLM({"Natalia": PLAN}), adapter=ADAPTER):
+        compiled = dspy.BootstrapFewShot(metric=spec.metric(MATH), max_bootstrapped_demos=1).compile(
+            spec.build(MATH), trainset=trainset
+        )
+        assert compiled(question="Natalia sold 48 clips").answer == 72
+    assert len(compiled.plan.demos) == 1 and compiled.plan.demos[0].feedback == "none"
+
+
+def test_labeled_few_shot_compiles_intent_chain():
+    spec = get_program("intent.chain")
+    trainset = [dspy.Example(query="where is my card", intent="card_arrival").with_inputs("query")]
+    compiled = dspy.LabeledFewShot(k=1).compile(spec.build(INTENT), trainset=trainset)
+    prediction, _ = run(compiled, [{"group": "new_card"}, {"intent": "card_arrival"}], query="card?")
+    assert prediction.intent == "card_arrival"
+    assert all(len(predictor.demos) == 1 for _, predictor in compiled.named_predictors())
