@@ -124,3 +124,103 @@ def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     rank = max(1, math.ceil(q / 100 * len(ordered)))
     return ordered[rank - 1]
+
+
+# -- energy ---------------------------------------------------------------------------------------
+RAPL = "/sys/class/powercap/intel-rapl:0/energy_uj"
+
+
+def read_rapl_joules(path: str = RAPL) -> float | None:
+    """The package energy counter, when the kernel lets us read it (often root-only or absent in VMs)."""
+    try:
+        with open(path) as handle:
+            return int(handle.read().strip()) / 1e6
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class Spend:
+    """What one phase (an evaluation or a compile) consumed, all threads together."""
+
+    usage: Usage
+    wall_seconds: float
+    cpu_seconds: float
+    joules: float
+    energy_measured: bool
+
+
+@contextmanager
+def spending(watts_per_core: float) -> Iterator[dict]:
+    """Meter a phase: LM usage from every thread, wall and CPU time, and energy (RAPL, else estimated).
+
+    Yields a dict that holds the `Spend` under "spend" once the block ends.
+    """
+    import time
+
+    holder: dict = {}
+    rapl0, cpu0, wall0 = read_rapl_joules(), time.process_time(), time.perf_counter()
+    with metered("phase", all_threads=True) as tally:
+        holder["tally"] = tally
+        try:
+            yield holder
+        finally:
+            cpu = time.process_time() - cpu0
+            rapl1 = read_rapl_joules()
+            measured = rapl0 is not None and rapl1 is not None and rapl1 >= rapl0
+            joules = (rapl1 - rapl0) if measured else energy_estimate(cpu, watts_per_core)
+            holder["spend"] = Spend(tally.usage, time.perf_counter() - wall0, cpu, joules, measured)
+
+
+def energy_estimate(cpu_seconds: float, watts_per_core: float) -> float:
+    """Joules when no counter is readable: CPU-seconds x configured watts per busy core."""
+    return cpu_seconds * watts_per_core
+
+
+# -- money and the cost formula -------------------------------------------------------------------
+def money(spend: Spend, usd_per_hour: float = 0.0, usd_per_m_input: float = 0.0,
+          usd_per_m_output: float = 0.0) -> float:
+    """Dollars: machine time at an hourly rate, plus per-token prices for a hosted model."""
+    return (spend.wall_seconds / 3600 * usd_per_hour
+            + spend.usage.input_tokens / 1e6 * usd_per_m_input
+            + spend.usage.output / 1e6 * usd_per_m_output)
+
+
+def per_success(total: float, successes: int) -> float:
+    """Everything spent, failed attempts included, divided by the successes; none succeeded: infinite."""
+    return total / successes if successes else math.inf
+
+
+UNITS = ("tokens", "seconds", "joules", "usd")
+
+
+def spend_units(spend: Spend, prices: dict[str, float]) -> dict[str, float]:
+    return {"tokens": float(spend.usage.tokens), "seconds": spend.wall_seconds, "joules": spend.joules,
+            "usd": money(spend, **prices)}
+
+
+def summarize(successes: list[bool], latencies: list[float], spend: Spend, prices: dict[str, float]) -> dict[str, float]:
+    """The run's metrics: accuracy, what was spent, and the cost per successful chain in every unit."""
+    n, wins = len(successes), sum(successes)
+    totals = spend_units(spend, prices)
+    out = {"n": n, "successes": wins, "accuracy": wins / n if n else 0.0,
+           "tokens_total": totals["tokens"], "input_tokens_computed": spend.usage.input_computed,
+           "input_tokens_reused": spend.usage.input_reused, "output_tokens": spend.usage.output,
+           "lm_calls": spend.usage.calls, "seconds_total": spend.wall_seconds, "cpu_seconds": spend.cpu_seconds,
+           "energy_joules": spend.joules, "energy_measured": float(spend.energy_measured), "usd_total": totals["usd"],
+           "latency_p50": percentile(latencies, 50), "latency_p95": percentile(latencies, 95)}
+    out.update({f"{unit}_per_success": per_success(totals[unit], wins) for unit in UNITS})
+    return out
+
+
+def break_even(compile_cost: float, baseline_per_success: float, optimized_per_success: float) -> float:
+    """Successful queries after which a compile pays for itself: compile / (baseline - optimized) per success.
+
+    Never, if the optimized program is not cheaper per success (infinite); at once if compiling cost nothing.
+    """
+    saving = baseline_per_success - optimized_per_success
+    if compile_cost <= 0:
+        return 0.0
+    if not saving > 0 or math.isinf(saving):
+        return math.inf if not saving > 0 else 0.0
+    return compile_cost / saving

@@ -53,7 +53,7 @@ def _signature(
 def _choose(predictor: dspy.Module, output: str, labels: Sequence[str], inputs: dict[str, Any], record: Record) -> str:
     """One LM call whose answer must be one of `labels`; raises LabelError (or UnreadableOutput) otherwise."""
     record.steps += 1
-    value, note = ask(predictor, output, inputs)
+    value, note = ask(predictor, output, inputs, record)
     label = check_label(str(value), labels)
     record.note(note)
     return label

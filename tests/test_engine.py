@@ -1,0 +1,122 @@
+"""The engine on the real embedded model: schema output parses, usage is exact, cache and threads behave."""
+
+import json
+import threading
+from typing import Literal
+
+import dspy
+import pytest
+from dspy.utils.exceptions import ContextWindowExceededError
+
+from optimize import cost
+from optimize.config import ModelConfig
+from optimize.engine import build_lm
+
+pytestmark = pytest.mark.model
+
+
+class Pick(dspy.Signature):
+    """Pick the colour named in the sentence."""
+
+    sentence: str = dspy.InputField()
+    colour: Literal["red", "green", "blue"] = dspy.OutputField()
+
+
+def test_json_schema_output_parses_and_usage_is_exact(sequential_lm):
+    with dspy.context(lm=sequential_lm, adapter=dspy.JSONAdapter(), track_usage=True), cost.metered() as tally:
+        pred = dspy.Predict(Pick)(sentence="The sky is blue today.")
+        usage = pred.get_lm_usage()
+    assert pred.colour in {"red", "green", "blue"}
+    assert tally.usage.calls == 1
+    assert tally.usage.input_tokens > 100 and tally.usage.output > 0
+    dspy_usage = next(iter(usage.values()))
+    assert dspy_usage["prompt_tokens"] == tally.usage.input_tokens
+    assert dspy_usage["completion_tokens"] == tally.usage.output
+    assert dspy_usage["prompt_tokens_details"]["cached_tokens"] == tally.usage.input_reused
+
+
+def test_second_call_reuses_the_shared_prefix(sequential_lm):
+    with dspy.context(lm=sequential_lm, adapter=dspy.JSONAdapter()):
+        dspy.Predict(Pick)(sentence="A green frog.")
+        with cost.metered() as tally:
+            dspy.Predict(Pick)(sentence="A red car.")
+    # The system prompt and the start of the user turn are identical: only the rest is computed.
+    assert tally.usage.input_reused > 50
+    assert tally.usage.input_computed < tally.usage.input_tokens
+
+
+def test_response_cache_hit_costs_no_new_tokens(tmp_path):
+    lm = build_lm(ModelConfig(engine="sequential", cache=True, max_tokens=48, n_ctx=2048))
+    with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
+        first = dspy.Predict(Pick)(sentence="Green grass, cached once.")
+        with cost.metered() as tally:
+            second = dspy.Predict(Pick)(sentence="Green grass, cached once.")
+    assert first.colour == second.colour
+    assert tally.usage.calls == 0 and tally.usage.tokens == 0
+
+
+def test_model_identity_keys_the_cache(sequential_lm, smollm_info):
+    assert smollm_info.sha256[:16] in sequential_lm.model
+
+
+def test_temperature_zero_is_deterministic(sequential_lm):
+    prompts = ["Say a number.", "Name a fruit."]
+    first = [sequential_lm(p)[0] for p in prompts]
+    again = [sequential_lm(p)[0] for p in reversed(prompts)][::-1]
+    assert first == again
+
+
+def test_sampling_gives_different_samples_per_rollout(sequential_lm):
+    hot = sequential_lm.copy(temperature=1.0)
+    samples = {hot("Write one random word.", rollout_id=i)[0] for i in range(4)}
+    assert len(samples) > 1
+
+
+def test_explicit_seed_is_honoured(sequential_lm):
+    hot = sequential_lm.copy(temperature=1.0, seed=1234)
+    assert hot("Write one random word.", rollout_id=1)[0] == hot("Write one random word.", rollout_id=2)[0]
+
+
+def test_threads_get_their_own_answers(sequential_lm):
+    sentences = {i: f"My favourite colour is {c}." for i, c in enumerate(["red", "green", "blue"] * 3)}
+    expected = {}
+    with dspy.context(lm=sequential_lm, adapter=dspy.JSONAdapter()):
+        for i, s in sentences.items():
+            expected[i] = dspy.Predict(Pick)(sentence=s).colour
+        program = dspy.Predict(Pick)
+        got = {}
+
+        def work(i):
+            got[i] = program(sentence=sentences[i]).colour
+
+        devset = [dspy.Example(i=i) for i in sentences]
+        from dspy.utils.parallelizer import ParallelExecutor
+
+        ParallelExecutor(num_threads=8, disable_progress_bar=True).execute(lambda ex: work(ex.i), devset)
+    assert got == expected
+
+
+def test_context_overflow_raises_dspy_error_with_numbers():
+    lm = build_lm(ModelConfig(engine="sequential", cache=False, n_ctx=256, max_tokens=32))
+    with pytest.raises(ContextWindowExceededError, match=r"prompt of \d+ tokens \+ max_tokens 32 exceeds .*n_ctx=256"):
+        lm("word " * 400)
+
+
+def test_context_overflow_truncates_when_configured():
+    lm = build_lm(ModelConfig(engine="sequential", cache=False, n_ctx=256, max_tokens=16, overflow="truncate"))
+    with cost.metered() as tally:
+        out = lm("word " * 400)
+    assert isinstance(out[0], str)
+    assert tally.usage.input_tokens <= 256
+
+
+def test_chain_budget_stops_the_chain(sequential_lm):
+    from optimize.errors import BudgetExceeded
+
+    with dspy.context(lm=sequential_lm, adapter=dspy.JSONAdapter()), cost.metered("chain", limit=10):
+        dspy.Predict(Pick)(sentence="Blue.")  # the first call may cross the ceiling...
+        with pytest.raises(Exception) as info:  # ...the next one may not start
+            dspy.Predict(Pick)(sentence="Red.")
+    from optimize.evaluate import _find
+
+    assert isinstance(_find(info.value, BudgetExceeded), BudgetExceeded)

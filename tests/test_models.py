@@ -1,0 +1,65 @@
+import pytest
+
+from optimize.errors import ModelError
+from optimize.models import describe, resolve_path
+
+
+def test_embedded_model_identity(smollm_info):
+    assert smollm_info.name == "smollm2-135m"
+    assert smollm_info.quantization == "Q4_1"
+    assert smollm_info.size_bytes == 98362432
+    assert smollm_info.sha256 == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+    assert 130e6 < smollm_info.n_params < 140e6
+    assert smollm_info.context_length == 8192 and smollm_info.has_chat_template
+
+
+def test_hash_is_cached(smollm_info, monkeypatch):
+    import optimize.models as models
+
+    monkeypatch.setattr(models, "_sha256", lambda path: pytest.fail("hashed again"))
+    assert describe("smollm2-135m").sha256 == smollm_info.sha256
+
+
+def test_local_path_spec(smollm_info):
+    assert str(resolve_path(smollm_info.path)) == smollm_info.path
+    assert describe(smollm_info.path).sha256 == smollm_info.sha256
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "not found"),
+    (b"", "bad magic"),
+    (b"PK\x03\x04 this is a zip", "bad magic"),
+    (b"GGUF\x03\x00\x00\x00\x10", "corrupt or truncated"),
+])
+def test_bad_model_files(tmp_path, content, message):
+    path = tmp_path / "model.gguf"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ModelError, match=message):
+        describe(str(path))
+
+
+def test_truncated_real_model(tmp_path, smollm_info):
+    path = tmp_path / "half.gguf"
+    with open(smollm_info.path, "rb") as src:
+        path.write_bytes(src.read(1 << 20))
+    with pytest.raises(ModelError, match="corrupt or truncated"):
+        describe(str(path))
+
+
+def test_unknown_spec_lists_choices():
+    with pytest.raises(ModelError, match="unknown model 'smollm3'.*smollm2-135m"):
+        resolve_path("smollm3")
+
+
+@pytest.mark.parametrize("spec", ["hf:bad", "hf:owner/repo/file.bin"])
+def test_bad_hub_spec(spec):
+    with pytest.raises(ModelError, match="bad hub spec"):
+        resolve_path(spec)
+
+
+def test_hub_offline_is_one_clear_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="cannot fetch 'hf:owner/repo/model.gguf'") as info:
+        resolve_path("hf:owner/repo/model.gguf")
+    assert "\n" not in str(info.value)
