@@ -25,6 +25,10 @@ EXAMPLES = {
     "models": "chainopt models list",
     "programs": "chainopt programs list",
     "compare": "chainopt compare experiments/banking77-fewshot.toml",
+    "ui": "chainopt ui --port 5000",
+    "report": "chainopt report experiments/banking77-fewshot.toml  # writes reports/banking77-fewshot.html",
+    "export": "chainopt export 3f2a9c... --out exports/banking77-best",
+    "predict": "chainopt predict exports/banking77-best --input queries.jsonl --output answers.jsonl",
 }
 
 
@@ -179,6 +183,64 @@ def cmd_compare(args, out: Output) -> int:
     return 0
 
 
+def cmd_export(args, out: Output) -> int:
+    from optimize.export import export_run
+
+    manifest = export_run(args.run_id, Path(args.out), register=not args.no_register)
+    reg = manifest.get("registered")
+    out.result(f"exported run {args.run_id} to {args.out}: {manifest['program']['name']} on {manifest['model']['name']}, "
+               f"accuracy {fmt(manifest['metrics'].get('accuracy'))}"
+               + (f"\nregistered as MLflow model {reg['name']} version {reg['version']}" if reg else "")
+               + f"\nrun it with: chainopt predict {args.out} --input in.jsonl --output out.jsonl", manifest)
+    return 0
+
+
+def cmd_predict(args, out: Output) -> int:
+    from optimize.export import EVAL_SLICE, predict_file
+
+    source = Path(args.input) if args.input else Path(args.export) / EVAL_SLICE
+    summary = predict_file(Path(args.export), source, Path(args.output), model_spec=args.model, force=args.force,
+                           threads=args.threads)
+    text = f"wrote {summary['n']} answers to {summary['output']}"
+    if "accuracy" in summary:
+        text += f"; accuracy {fmt(summary['accuracy'])} (exported run measured {fmt(summary['exported_accuracy'])})"
+    out.result(text, summary)
+    return 0
+
+
+def cmd_ui(args, out: Output) -> int:
+    from optimize.tracking import tracking_uri
+    from optimize.ui import start_ui, stop_ui
+
+    uri = tracking_uri(args.uri)
+    out.progress(f"starting the MLflow UI on {uri} ...")
+    process, url = start_ui(uri, args.port)
+    try:
+        out.result(f"MLflow UI: {url}\n(store {uri}; Ctrl-C to stop)",
+                   {"url": url, "tracking_uri": uri, "pid": process.pid})
+        sys.stdout.flush()
+        code = process.wait()
+        print(f"chainopt: error: the MLflow server stopped by itself (exit code {code})", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        out.progress("stopping the MLflow UI")
+        return 0
+    finally:
+        stop_ui(process)
+
+
+def cmd_report(args, out: Output) -> int:
+    from optimize.report import write_report
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    path, data = write_report(args.experiment, Path(args.output) if args.output else None, args.unit)
+    best = next((r for r in data["runs"] if r["run_id"] == data["best_run_id"]), None)
+    out.result(f"wrote {path}" + (f"\nbest run: {best['name']} (accuracy {fmt(best['accuracy'])})" if best else ""),
+               {"path": str(path), "experiment": data["experiment"], "parent_run_id": data["parent_run_id"],
+                "best_run_id": data["best_run_id"], "runs": len(data["runs"]), "unit": data["unit"]})
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chainopt", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -212,6 +274,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("compare", cmd_compare, "table of an experiment's runs, cheapest per success first")
     p.add_argument("experiment", help="experiment TOML file or experiment name")
     p.add_argument("--unit", default="seconds", choices=["tokens", "seconds", "joules", "usd"])
+    p = add("export", cmd_export, "export a finished run's compiled program with its manifest and register it")
+    p.add_argument("run_id", help="MLflow run id of a child run (see chainopt compare)")
+    p.add_argument("--out", required=True, help="folder to write (must not exist or be empty)")
+    p.add_argument("--no-register", action="store_true", help="skip the MLflow model registry")
+    p = add("predict", cmd_predict, "run an exported program on new inputs (JSONL in, JSONL out)")
+    p.add_argument("export", help="export folder")
+    p.add_argument("--input", help="JSONL with the task's input fields; default: the exported evaluation slice")
+    p.add_argument("--output", required=True)
+    p.add_argument("--model", help="model spec to use instead of the manifest's")
+    p.add_argument("--force", action="store_true", help="run even if the model file's sha256 differs")
+    p.add_argument("--threads", type=int, default=8)
+    p = add("ui", cmd_ui, "open the MLflow web UI on the project's store (until Ctrl-C)")
+    p.add_argument("--uri", help="tracking store; default: $MLFLOW_TRACKING_URI or ./mlflow.db")
+    p.add_argument("--port", type=int, help="default: a free port")
+    p = add("report", cmd_report, "write a self-contained HTML report of an experiment's latest run")
+    p.add_argument("experiment", help="experiment TOML file or experiment name")
+    p.add_argument("--output", help="HTML file to write; default: reports/<experiment>.html")
+    p.add_argument("--unit", default="seconds", choices=["tokens", "seconds", "joules", "usd"],
+                   help="cost unit for the Pareto mark and the best run")
     return parser
 
 

@@ -153,12 +153,12 @@ def _flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
 _ALIASES = {"model": "models", "program": "programs", "optimizer": "optimizers"}
 
 
-def _normalise(raw: dict[str, Any]) -> dict[str, Any]:
+def _normalise(raw: dict[str, Any], source: str) -> dict[str, Any]:
     data = dict(raw)
     for short, long in _ALIASES.items():
         if short in data:
             if long in data:
-                raise ConfigError(f"use either [{short}] or [[{long}]], not both")
+                raise ConfigError(f"{source}: use either [{short}] or [[{long}]], not both")
             value = data.pop(short)
             data[long] = value if isinstance(value, list) else [value]
     return data
@@ -200,7 +200,7 @@ def _owner_model(loc: tuple) -> type[BaseModel] | None:
 
 def parse_experiment(raw: dict[str, Any], source: str = "<config>") -> Experiment:
     try:
-        return Experiment.model_validate(_normalise(raw))
+        return Experiment.model_validate(_normalise(raw, source))
     except ValidationError as exc:
         raise ConfigError(_format_errors(source, exc)) from None
 

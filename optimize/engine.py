@@ -11,6 +11,7 @@ tokens, seconds) and hands the actual decoding to a backend:
 
 from __future__ import annotations
 
+import atexit
 import functools
 import itertools
 import json
@@ -217,6 +218,14 @@ CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n
 
 _engines: dict[tuple, LlamaEngine] = {}
 _engines_lock = threading.Lock()
+
+
+@atexit.register
+def close_engines() -> None:
+    """Free llama.cpp contexts while the interpreter can still run their destructors."""
+    with _engines_lock:
+        while _engines:
+            _engines.popitem()[1].close()
 
 
 def get_engine(cfg: ModelConfig) -> LlamaEngine:

@@ -8,6 +8,7 @@ config hash already finished in this experiment's parent is not recomputed (resu
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -129,6 +130,8 @@ def run_trial(trial: Trial, splits: Splits, progress: Progress = lambda s: None)
     tracking.log_metrics(metrics)
     tracking.log_table([r.row() for r in records], "predictions.json")
     tracking.log_program(compiled)
+    tracking.log_json(trial.model_dump(mode="json"), "trial.json")
+    tracking.log_json(dataclasses.asdict(splits.task), "task.json")
     tracking.log_json({"optimizer": opt_spec.name, "steps": trajectory(compiled, teleprompter)}, "trajectory.json")
     stopped = "run_token_budget" if result.stopped_by_budget else ""
     if stopped:
@@ -196,7 +199,7 @@ def run_experiment(exp: Experiment, source: Path | None = None, progress: Progre
                 done = tracking.finished_child(previous, trial.config_hash())
                 if done is not None:
                     progress(f"[{number}/{len(trials)}] {name}: finished earlier, reused")
-                    results.append(TrialResult(trial, done.info.run_id, dict(done.data.metrics), reused=True,
+                    results.append(TrialResult(trial, done.info.run_id, tracking.read_metrics(done), reused=True,
                                                stopped=done.data.tags.get(tracking.TAG_STOPPED, "")))
                     continue
                 progress(f"[{number}/{len(trials)}] {name}")

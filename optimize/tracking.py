@@ -108,6 +108,11 @@ def log_metrics(metrics: dict[str, float], prefix: str = "") -> None:
     mlflow.log_metrics(clean)
 
 
+def read_metrics(run: Run) -> dict[str, float]:
+    """A run's metrics, with the +inf that SQLite stores as the largest float turned back into inf."""
+    return {k: (math.inf if v >= 1.7e308 else -math.inf if v <= -1.7e308 else v) for k, v in run.data.metrics.items()}
+
+
 def log_json(obj: Any, artifact_file: str) -> None:
     mlflow.log_dict(obj, artifact_file)
 
@@ -142,7 +147,7 @@ def child_rows(experiment_id: str, parent_id: str, cost_metric: str = "seconds_p
     """One row per child run, for the compare table, the Pareto plot and the report."""
     rows = []
     for run in children(experiment_id, parent_id):
-        m, p = run.data.metrics, run.data.params
+        m, p = read_metrics(run), run.data.params
         rows.append({"run_id": run.info.run_id, "name": run.info.run_name, "status": run.info.status,
                      "program": p.get("program.name"), "optimizer": p.get("optimizer.name"),
                      "model": p.get("model.spec"), "seed": p.get("seed"),

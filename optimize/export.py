@@ -1,0 +1,184 @@
+"""Export a compiled program to use elsewhere, and run an exported program on new inputs.
+
+An export is a folder: `program.json` (DSPy's JSON state, never a pickle), `manifest.json` (program,
+task, model identity, data slice, measured metrics, versions) and `eval.jsonl` (the exact slice it was
+scored on, so `chainopt predict` can show the accuracy is reproduced). It is also registered in the
+MLflow model registry as a pyfunc model built from code (optimize/serving.py), with the metrics as tags.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dspy
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from optimize import tracking
+from optimize.config import ModelConfig, Trial
+from optimize.data import Task, load_splits
+from optimize.errors import ChainoptError, DataError, ModelError
+from optimize.models import describe
+
+MANIFEST = "manifest.json"
+PROGRAM = "program.json"
+EVAL_SLICE = "eval.jsonl"
+REPORTED = ("accuracy", "successes", "n", "tokens_per_success", "seconds_per_success", "joules_per_success",
+            "usd_per_success", "latency_p50", "latency_p95")
+
+
+def export_run(run_id: str, out: Path, *, register: bool = True, uri: str | None = None) -> dict[str, Any]:
+    """Write the export folder for a finished child run and register it; returns the manifest."""
+    mlflow.set_tracking_uri(tracking.tracking_uri(uri))
+    client = MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except Exception as exc:
+        raise ChainoptError(f"no MLflow run {run_id!r} in {mlflow.get_tracking_uri()}") from exc
+    if run.data.tags.get(tracking.TAG_KIND) != "child" or run.info.status != "FINISHED":
+        raise ChainoptError(f"run {run_id} is not a finished chainopt trial (status {run.info.status})")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ChainoptError(f"export folder {out} exists and is not empty")
+    with tempfile.TemporaryDirectory() as tmp:
+        staging = Path(tmp) / "export"
+        staging.mkdir()
+        for name in (PROGRAM, "trial.json", "task.json"):
+            mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, dst_path=str(staging))
+        trial = Trial.model_validate_json((staging / "trial.json").read_text())
+        task = json.loads((staging / "task.json").read_text())
+        info = describe(trial.model.spec)
+        splits = load_splits(trial.data)
+        examples = getattr(splits, trial.eval.split)
+        with (staging / EVAL_SLICE).open("w") as handle:
+            for example in examples:
+                handle.write(json.dumps(dict(example)) + "\n")
+        manifest = {
+            "program": trial.program.model_dump(), "task": task, "model": {**trial.model.model_dump(),
+                                                                          "name": info.name, "sha256": info.sha256,
+                                                                          "quantization": info.quantization,
+                                                                          "size_bytes": info.size_bytes},
+            "optimizer": trial.optimizer.model_dump(exclude={"teacher"}),
+            "data": {**trial.data.model_dump(), "split": trial.eval.split, "examples": len(examples)},
+            "metrics": {k: v for k, v in tracking.read_metrics(run).items() if k in REPORTED},
+            "run_id": run_id, "experiment": trial.experiment, "config_hash": trial.config_hash(),
+            "versions": {k: v for k, v in run.data.tags.items() if k.endswith(".version") or k == "git.commit"},
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+        (staging / "trial.json").unlink()
+        (staging / "task.json").unlink()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(staging, out, dirs_exist_ok=True)
+    if register:
+        manifest["registered"] = register_export(out, manifest)
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+    return manifest
+
+
+def register_export(folder: Path, manifest: dict[str, Any]) -> dict[str, str]:
+    """Log the export as a pyfunc model (from code, no pickle) in its run and register a model version."""
+    name = f"chainopt-{manifest['experiment']}-{manifest['program']['name']}".replace(".", "-")
+    serving = Path(__file__).with_name("serving.py")
+    with mlflow.start_run(run_id=manifest["run_id"]):
+        logged = mlflow.pyfunc.log_model(name="program", python_model=str(serving),
+                                         artifacts={"export": str(folder)}, pip_requirements=[])
+    version = mlflow.register_model(logged.model_uri, name)
+    client = MlflowClient()
+    for key, value in {**manifest["metrics"], "model.sha256": manifest["model"]["sha256"],
+                       "program": manifest["program"]["name"], "run_id": manifest["run_id"]}.items():
+        client.set_model_version_tag(name, version.version, key, str(value))
+    return {"name": name, "version": str(version.version)}
+
+
+@dataclass
+class Exported:
+    """An export folder loaded back: the program ready to run, and what it was measured at."""
+
+    program: dspy.Module
+    task: Task
+    model: ModelConfig
+    manifest: dict[str, Any]
+
+
+def load_export(folder: Path, *, model_spec: str | None = None, force: bool = False) -> Exported:
+    """Rebuild the program and check the model file is the one it was measured with (sha256)."""
+    from programs import get_program
+
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError) as exc:
+        raise ChainoptError(f"{folder} is not a chainopt export (no readable {MANIFEST})") from exc
+    model_cfg = ModelConfig.model_validate({k: v for k, v in manifest["model"].items() if k in ModelConfig.model_fields})
+    if model_spec:
+        model_cfg = model_cfg.model_copy(update={"spec": model_spec})
+    info = describe(model_cfg.spec)
+    if info.sha256 != manifest["model"]["sha256"] and not force:
+        raise ModelError(f"model file {info.path} has sha256 {info.sha256[:12]}…, but the export was measured with "
+                         f"{manifest['model']['sha256'][:12]}…; use --force to run it anyway")
+    task_data = manifest["task"]
+    task = Task(**{**task_data, "input_fields": tuple(task_data["input_fields"]),
+                   "labels": tuple(task_data["labels"]) if task_data.get("labels") else None})
+    program = get_program(manifest["program"]["name"]).build(task, **manifest["program"]["settings"])
+    program.load(str(folder / PROGRAM))
+    return Exported(program, task, model_cfg, manifest)
+
+
+def read_inputs(path: Path, task: Task) -> list[dspy.Example]:
+    """JSONL rows holding the task's input fields (and optionally the gold answer)."""
+    examples = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from exc
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise DataError(f"{path}: line {number}: invalid JSON ({exc.msg})") from None
+        missing = [f for f in task.input_fields if f not in row] if isinstance(row, dict) else list(task.input_fields)
+        if missing:
+            raise DataError(f"{path}: line {number}: missing input field(s) {', '.join(missing)}")
+        examples.append(dspy.Example(**row).with_inputs(*task.input_fields))
+    if not examples:
+        raise DataError(f"{path}: no input rows")
+    return examples
+
+
+def predict_file(folder: Path, input_path: Path, output_path: Path, *, model_spec: str | None = None,
+                 force: bool = False, threads: int = 8) -> dict[str, Any]:
+    """Run an exported program over a JSONL file; write one JSON line per input with its answer and record."""
+    from programs import get_program
+
+    from optimize.engine import build_lm
+    from optimize.evaluate import evaluate
+    from optimize.experiment import adapter
+
+    exported = load_export(folder, model_spec=model_spec, force=force)
+    examples = read_inputs(input_path, exported.task)
+    answer = exported.task.answer_field
+    metric = get_program(exported.manifest["program"]["name"]).metric(exported.task)
+    with dspy.context(lm=build_lm(exported.model), adapter=adapter()):
+        result = evaluate(exported.program, examples, metric, answer, threads=threads)
+    records = sorted(result.records, key=lambda r: r.index)
+    tmp = Path(output_path).with_suffix(".partial")
+    with tmp.open("w") as handle:
+        for example, record in zip(examples, records):
+            handle.write(json.dumps({**dict(example), answer: record.predicted, "gold": record.gold,
+                                     "success": record.success if record.gold is not None else None,
+                                     "error": record.error, "steps": record.steps,
+                                     "tokens": record.usage.tokens}, default=str) + "\n")
+    tmp.replace(output_path)
+    graded = [r for r in records if r.gold is not None]
+    summary = {"n": len(records), "output": str(output_path),
+               "exported_accuracy": exported.manifest["metrics"].get("accuracy")}
+    if graded:
+        summary["accuracy"] = sum(r.success for r in graded) / len(graded)
+    return summary

@@ -1,0 +1,98 @@
+"""Experiment files: every shipped file loads and validates; mistakes are reported at once, with the fix."""
+
+import pytest
+
+from optimize.config import Experiment, ModelConfig, load_experiment, parse_experiment
+from optimize.errors import ConfigError
+
+
+def shipped(root):
+    return sorted((root / "experiments").glob("*.toml"))
+
+
+def test_every_shipped_experiment_loads_and_checks(root):
+    from optimize.experiment import check
+
+    files = shipped(root)
+    assert files
+    for path in files:
+        exp = load_experiment(path)
+        assert exp.name and exp.combinations()
+        check(exp)
+        assert path.read_text().startswith("#"), f"{path.name} must open with a comment saying what it is for"
+
+
+def test_singular_tables_and_defaults():
+    exp = parse_experiment({"name": "x", "model": {"spec": "smollm2-135m"}, "program": {"name": "intent.predict"}})
+    assert exp.models == (ModelConfig(spec="smollm2-135m"),)
+    assert [o.name for o in exp.optimizers] == ["none"]
+
+
+def test_sweep_is_the_product():
+    exp = parse_experiment({"name": "s", "models": [{}, {"n_ctx": 2048}], "programs": [{}, {"name": "intent.cot"}],
+                            "optimizers": [{"name": "none"}, {"name": "labeled_fewshot"}], "seeds": [0, 1]})
+    trials = exp.combinations()
+    assert len(trials) == 16
+    assert len({t.config_hash() for t in trials}) == 16
+
+
+def test_config_hash_is_stable_and_sensitive():
+    a = parse_experiment({"name": "h"}).combinations()[0]
+    b = parse_experiment({"name": "h"}).combinations()[0]
+    c = parse_experiment({"name": "h", "data": {"test": 51}}).combinations()[0]
+    assert a.config_hash() == b.config_hash() != c.config_hash()
+
+
+def test_flat_params_cover_every_setting():
+    trial = parse_experiment({"name": "p", "optimizer": {"name": "labeled_fewshot", "settings": {"k": 3}}}).combinations()[0]
+    params = trial.flat_params()
+    assert params["optimizer.settings.k"] == 3 and params["model.spec"] == "smollm2-135m"
+    assert params["budget.chain_tokens"] is None and "cost.usd_per_hour" in params
+
+
+@pytest.mark.parametrize("text, message", [
+    ('name = "x"\n[modle]\nspec = "a"', r"unknown key 'modle'.*did you mean 'models'"),
+    ('name = "x"\n[data]\ntset = 5', r"unknown key 'data.tset'.*did you mean 'test'"),
+    ('name = "x"\n[data]\ntest = -1', r"data.test = -1: Input should be greater than or equal to 0"),
+    ('name = "x"\n[budget]\nrun_tokens = 0', r"budget.run_tokens = 0: .*greater than or equal to 1"),
+    ('name = "x"\n[model]\ntemperature = "hot"', r"temperature = 'hot'"),
+    ('name = "x"\n[model]\n[[models]]', r"use either \[model\] or \[\[models\]\]"),
+    ('name = "x"\nseeds = []', r"seeds must list at least one entry"),
+    ('name = "x"\n[model]\nengine = "turbo"', r"engine = 'turbo'.*'batched' or 'sequential'"),
+    ('name = "x"\n[data\n', r"invalid TOML"),
+])
+def test_bad_files_name_file_key_value_and_rule(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_experiment(path)
+    assert str(path) in str(info.value)
+
+
+def test_all_problems_reported_at_once(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('name = "x"\n[data]\ntest = -1\ntrain = -2\n[model]\nn_ctx = 3\n')
+    with pytest.raises(ConfigError) as info:
+        load_experiment(path)
+    assert len(str(info.value).splitlines()) == 3
+
+
+def test_missing_and_non_utf8_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_experiment(tmp_path / "nope.toml")
+    bad = tmp_path / "latin.toml"
+    bad.write_bytes(b'name = "caf\xe9"\n')
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_experiment(bad)
+
+
+def test_name_defaults_to_file_stem(tmp_path):
+    path = tmp_path / "my-exp.toml"
+    path.write_text("seeds = [1]\n")
+    assert load_experiment(path).name == "my-exp"
+
+
+def test_frozen():
+    exp = Experiment(name="f")
+    with pytest.raises(Exception):
+        exp.name = "g"
