@@ -124,9 +124,27 @@ def load_export(folder: Path, *, model_spec: str | None = None, force: bool = Fa
     task_data = manifest["task"]
     task = Task(**{**task_data, "input_fields": tuple(task_data["input_fields"]),
                    "labels": tuple(task_data["labels"]) if task_data.get("labels") else None})
-    program = get_program(manifest["program"]["name"]).build(task, **manifest["program"]["settings"])
+    spec = get_program(manifest["program"]["name"])
+    program = spec.build(task, **manifest["program"]["settings"])
     program.load(str(folder / PROGRAM))
+    if manifest["optimizer"]["name"] == "knn_fewshot":
+        program = _rebuild_knn(program, task, manifest, spec.metric(task))
     return Exported(program, task, model_cfg, manifest)
+
+
+def _rebuild_knn(program: dspy.Module, task: Task, manifest: dict[str, Any], metric) -> dspy.Module:
+    """KNNFewShot picks demos per input at call time, so its state is the training pool, not a JSON field:
+    rebuild the retriever from the same (vendored, seeded) training split."""
+    from optimize.config import DataConfig
+    from optimize.optimizers import CompileInputs, compile_program, get_optimizer, resolve_settings
+
+    data = DataConfig.model_validate({k: v for k, v in manifest["data"].items() if k in DataConfig.model_fields})
+    train = load_splits(data).train
+    opt = get_optimizer("knn_fewshot")
+    settings = resolve_settings(opt, manifest["optimizer"]["settings"])
+    ctx = CompileInputs(metric=metric, trainset=train, valset=[], teacher_lm=None, seed=0, threads=1,
+                        input_fields=task.input_fields)
+    return compile_program(opt, dict(settings), program, ctx)[0]
 
 
 def read_inputs(path: Path, task: Task) -> list[dspy.Example]:
