@@ -1,0 +1,95 @@
+"""chainopt bench: the floor arithmetic on a table of inputs, and a real tiny run on the embedded model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from optimize.bench import (BenchResult, Rates, Row, floor_seconds, format_table, identical_rate, run_bench,
+                            speedup)
+from optimize.errors import ConfigError
+
+
+@pytest.mark.parametrize("computed, output, prompt_tps, decode_tps, expected", [
+    (0, 0, 400.0, 250.0, 0.0),
+    (400, 0, 400.0, 250.0, 1.0),
+    (0, 500, 400.0, 250.0, 2.0),
+    (1000, 250, 500.0, 125.0, 4.0),
+    (123, 45, 1.0, 1.0, 168.0),
+])
+def test_floor_seconds(computed: int, output: int, prompt_tps: float, decode_tps: float, expected: float) -> None:
+    assert math.isclose(floor_seconds(computed, output, prompt_tps, decode_tps), expected)
+
+
+@pytest.mark.parametrize("ref_s, ref_n, s, n, expected", [
+    (50.0, 10, 5.0, 10, 10.0),  # same n: plain ratio of times
+    (50.0, 10, 10.0, 100, 50.0),  # --stock-limit: the reference ran fewer examples; per-example stays fair
+    (5.3, 1, 5.3, 1, 1.0),
+])
+def test_speedup(ref_s: float, ref_n: int, s: float, n: int, expected: float) -> None:
+    assert math.isclose(speedup(Row("server", n=ref_n, seconds=ref_s), Row("batched", n=n, seconds=s)), expected)
+
+
+def test_speedup_missing() -> None:
+    assert speedup(None, Row("batched", n=1, seconds=1.0)) is None
+    assert speedup(Row("server", n=1, seconds=1.0), Row("batched", error="not available: x")) is None
+
+
+@pytest.mark.parametrize("a, b, expected", [
+    (["x", "y", None], ["x", "z", None], (2, 3)),
+    (["x"], ["x", "y"], (1, 1)),
+    ([], [], (0, 0)),
+])
+def test_identical_rate(a: list, b: list, expected: tuple[int, int]) -> None:
+    assert identical_rate(a, b) == expected
+
+
+def test_table_of_synthetic_result() -> None:
+    rows = [Row("server", n=2, seconds=100.0, input_tokens=4000, output_tokens=60, calls=2, peak_rss_mb=300,
+                server_rss_mb=400, accuracy=0.5, parse_failures=1, adapter="ChatAdapter", answers=["a", None]),
+            Row("inproc", n=2, seconds=10.0, input_tokens=4000, input_computed=2200, output_tokens=20, calls=2,
+                adapter="JSONAdapter", answers=["a", "b"]),
+            Row("sequential", n=4, seconds=8.0, input_tokens=8000, input_computed=2000, output_tokens=40, calls=4,
+                answers=["a", "b", "c", "d"]),
+            Row("batched", n=4, seconds=4.0, input_tokens=8000, input_computed=2000, output_tokens=40, calls=4,
+                answers=["a", "b", "c", "x"])]
+    result = BenchResult("banking77", "2026-01-01", "cpu", "smollm2-135m", n=4, stock_n=2, parallel=16,
+                         rates=Rates(500.0, 200.0, 1024, 16, 512, 32), rows=rows)
+    table = format_table(result)
+    assert "<=2000.0" in table  # the server cannot split its input: all of it, marked as an upper bound
+    assert "50.0x" in table and "5.0x" in table  # (d) vs (a): 50 s/ex / 1 s/ex; vs (b): 5 / 1
+    assert "= 4.2 s" in table and "0.95x the floor" in table  # 2000/500 + 40/200 = 4.2 s; 4.0 / 4.2
+    assert "identical answers: 3/4 (75.0%)" in table
+    assert "first 2 of the 4 examples" in table
+    assert "+ server 400" in table
+
+
+def test_unknown_workload_and_path() -> None:
+    with pytest.raises(ConfigError, match="available: banking77"):
+        run_bench("bankin77")
+    with pytest.raises(ConfigError, match="unknown path"):
+        run_bench("banking77", paths=("inprocess",))
+
+
+@pytest.mark.model
+def test_tiny_real_run() -> None:
+    result = run_bench("banking77", n=3, paths=("inproc", "sequential", "batched"), parallel=4, timeout=300)
+    assert [r.path for r in result.rows] == ["inproc", "sequential", "batched"]
+    assert result.rates is not None and result.rates.prompt_tps > 0 and result.rates.decode_tps > 0
+    measured = [r for r in result.rows if r.error is None]
+    assert {r.path for r in measured} >= {"inproc", "sequential"}  # (d) may be reported as not available
+    for row in measured:
+        assert row.n == 3 and len(row.answers) == 3
+        assert row.calls >= 3 and row.output_tokens > 0 and row.seconds > 0
+        assert 0 <= row.input_computed <= row.input_tokens and row.input_reused == row.input_tokens - row.input_computed
+        assert 0 <= row.parse_failures <= row.n
+        assert math.isclose(row.accuracy * 3, round(row.accuracy * 3))
+        assert row.peak_rss_mb > 50
+    for row in result.rows:
+        assert row.error is None or row.error.startswith(("not available", "failed", "timed out"))
+    table = format_table(result).splitlines()
+    assert len([line for line in table if line.startswith(("(b) inproc", "(c) sequential", "(d) batched"))]) == 3
+    target = result.row("batched") or result.row("sequential")
+    floor = floor_seconds(target.input_computed, target.output_tokens, result.rates.prompt_tps, result.rates.decode_tps)
+    assert any(f"= {floor:.1f} s" in line for line in table)
