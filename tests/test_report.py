@@ -1,0 +1,145 @@
+"""The HTML report: self-contained, and it shows what a person needs to pick a program.
+
+The store is built directly with MLflow (no model): three child runs shaped like `chainopt run`'s.
+The browser test renders a report of a real experiment.
+"""
+
+import base64
+import json
+import math
+import re
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from optimize import tracking
+from optimize.cli import main
+from optimize.report import best_run, default_path, resolve, write_report
+
+NAME = "report-synthetic"
+DEMO_QUERY = "Where is the card I ordered last week?"
+
+
+def _metrics(acc: float, per_success: float, compile_seconds: float) -> dict[str, float]:
+    n, wins = 4, int(acc * 4)
+    m = {"accuracy": acc, "n": n, "successes": wins, "latency_p50": 0.5, "latency_p95": 0.9, "parse_failures": 1,
+         "input_tokens_computed": 900, "input_tokens_reused": 300, "output_tokens": 40, "tokens_total": 1240,
+         "seconds_total": per_success * wins, "energy_joules": 30.0, "energy_measured": 0.0, "usd_total": 1e-4,
+         "compile_tokens": 0.0, "compile_seconds": compile_seconds, "compile_joules": compile_seconds * 15,
+         "compile_usd": 0.0}
+    m.update({"tokens_per_success": 1240 / wins, "seconds_per_success": per_success,
+              "joules_per_success": 30.0 / wins, "usd_per_success": 1e-4 / wins})
+    return m
+
+
+def _state(instructions: str, demos: list[dict]) -> dict:
+    return {"classify": {"traces": [], "train": [], "demos": demos, "lm": None,
+                         "signature": {"instructions": instructions,
+                                       "fields": [{"prefix": "Query:"}, {"prefix": "Intent:"}]}},
+            "metadata": {"dependency_versions": {"dspy": "3.4.1"}}}
+
+
+RUNS = [  # name, optimizer, metrics, program state, break-even (queries) in every unit or None
+    ("zero", "none", _metrics(0.5, 2.0, 0.0), _state("Classify the customer request.", []), None),
+    ("fewshot", "labeled_fewshot", _metrics(0.75, 1.5, 3.0),
+     _state("Classify the customer request.", [{"query": DEMO_QUERY, "intent": "card_arrival"}]), 6.0),
+    ("bootstrap", "bootstrap_fewshot", _metrics(0.75, 3.0, 9.0), _state("Pick one intent label.", []), math.inf),
+]
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory) -> str:
+    """The synthetic experiment, in the test session's MLflow store."""
+    experiment_id = tracking.setup(NAME)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=NAME,
+                          tags={tracking.TAG_KIND: "parent", "dspy.version": "3.4.1"}) as parent:
+        for name, optimizer, metrics, state, break_even in RUNS:
+            with mlflow.start_run(run_name=name, nested=True, experiment_id=experiment_id,
+                                  tags={tracking.TAG_KIND: "child"}):
+                mlflow.log_params({"program.name": "intent.predict", "optimizer.name": optimizer,
+                                   "model.spec": "smollm2-135m", "seed": 0})
+                units = {} if break_even is None else {f"break_even_queries_{u}": break_even
+                                                       for u in ("tokens", "seconds", "joules", "usd")}
+                tracking.log_metrics({**metrics, **units})
+                mlflow.log_dict(state, "program.json")
+        rows = tracking.child_rows(experiment_id, parent.info.run_id)
+        mlflow.log_artifact(str(tracking.pareto_plot(rows, tmp_path_factory.mktemp("plot") / "pareto.png")))
+    return NAME
+
+
+@pytest.fixture(scope="module")
+def report(experiment, tmp_path_factory) -> tuple[str, dict]:
+    path, data = write_report(experiment, tmp_path_factory.mktemp("report") / "r.html")
+    return path.read_text(encoding="utf-8"), data
+
+
+@pytest.mark.parametrize("rows, expected", [
+    ([], None),
+    ([{"run_id": "a", "accuracy": 0.5, "cost": 1.0}, {"run_id": "b", "accuracy": 0.7, "cost": 9.0}], "b"),
+    ([{"run_id": "a", "accuracy": 0.7, "cost": 2.0}, {"run_id": "b", "accuracy": 0.7, "cost": 1.0}], "b"),
+    ([{"run_id": "a", "accuracy": 0.0, "cost": math.inf}, {"run_id": "b", "accuracy": None, "cost": None}], "a"),
+    ([{"run_id": "a", "accuracy": 0.7, "cost": None}, {"run_id": "b", "accuracy": 0.7, "cost": 5.0}], "b"),
+])
+def test_best_run_is_most_accurate_then_cheapest(rows, expected):
+    best = best_run(rows)
+    assert (best["run_id"] if best else None) == expected
+
+
+def test_default_path_is_reports_folder_with_a_safe_name():
+    assert default_path("banking77-fewshot") == Path("reports/banking77-fewshot.html")
+    assert default_path("a/b c") == Path("reports/a_b_c.html")
+
+
+def test_report_is_self_contained(report):
+    text, _ = report
+    assert not re.search(r"<script|<link|<iframe|@import|url\(", text, re.I)
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", text, re.I)
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', text)
+    assert len(images) == 1 and base64.b64decode(images[0])[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_shows_runs_best_program_costs_and_break_even(report):
+    text, data = report
+    by_name = {r["name"]: r for r in data["runs"]}
+    assert data["best_run_id"] == by_name["fewshot"]["run_id"]
+    assert [r["name"] for r in data["runs"] if r["pareto"]] == ["fewshot"]
+    assert re.search(r"fewshot <span class=\"best\">best</span>", text)
+    best_section = text.split("<h2>Best program</h2>")[1].split("<h2>")[0]
+    for shown in (DEMO_QUERY, "card_arrival", "Classify the customer request."):
+        assert shown in best_section
+    for header in ("tokens / success", "seconds / success", "joules / success", "USD / success", "latency p50 (s)",
+                   "compile J", "eval input reused", "estimated (CPU-s x W)"):
+        assert header in text
+    break_even = text.split("<h2>Break-even</h2>")[1]
+    assert '<td class="t">fewshot</td><td>6</td>' in break_even
+    assert '<td class="t">bootstrap</td><td>never</td>' in break_even
+    assert '<td class="t">zero</td>' not in break_even
+
+
+def test_other_cost_unit_redraws_the_plot(experiment, report, tmp_path):
+    _, seconds = report
+    _, tokens = write_report(experiment, tmp_path / "t.html", unit="tokens")
+    assert tokens["unit"] == "tokens" and tokens["pareto_png"] != seconds["pareto_png"]
+
+
+def test_cli_writes_default_path_and_prints_json(experiment, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", experiment, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["path"] == f"reports/{NAME}.html" and (tmp_path / out["path"]).is_file()
+    assert out["runs"] == 3 and out["best_run_id"]
+
+
+def test_toml_argument_uses_its_tracking_section(experiment, tmp_path):
+    toml = tmp_path / "other-name.toml"
+    toml.write_text(f'name = "other-name"\n[tracking]\nexperiment = "{NAME}"\nuri = "{tracking.tracking_uri()}"\n')
+    assert resolve(str(toml)) == (NAME, tracking.tracking_uri())
+    path, data = write_report(str(toml), tmp_path / "x.html")
+    assert data["experiment"] == NAME and path.is_file()
+
+
+def test_unknown_experiment_is_a_clean_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", "never-ran"]) == 2
+    assert "no runs recorded for experiment 'never-ran'" in capsys.readouterr().err
