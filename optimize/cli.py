@@ -37,6 +37,7 @@ class Output:
 
     def __init__(self, args: argparse.Namespace):
         self.json, self.quiet, self.verbose = args.json, args.quiet, args.verbose
+        self.live = False if (self.quiet or self.json) else None  # None: a live bar only on a terminal
 
     def progress(self, message: str) -> None:
         if not self.quiet and not self.json:
@@ -98,7 +99,7 @@ def cmd_run(args, out: Output) -> int:
     from optimize.experiment import run_experiment
 
     exp = load_experiment(args.experiment)
-    result = run_experiment(exp, Path(args.experiment), progress=out.progress)
+    result = run_experiment(exp, Path(args.experiment), progress=out.progress, live=out.live)
     out.result(_result_text(result), _result_data(result))
     return 3 if any(t.stopped for t in result.trials) else 0
 
@@ -113,7 +114,7 @@ def cmd_eval(args, out: Output) -> int:
         "data": DataConfig(dataset=args.dataset, **sizes).model_dump(),
         "programs": [ProgramConfig(name=args.program).model_dump()],
         "eval": EvalConfig(split=args.split).model_dump(), "tracking": TrackingConfig().model_dump()}, "chainopt eval")
-    result = run_experiment(exp, progress=out.progress)
+    result = run_experiment(exp, progress=out.progress, live=out.live)
     out.result(_result_text(result), _result_data(result))
     return 0
 
@@ -312,6 +313,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"chainopt: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # the machine, not the user's input: a full disk, a vanished folder
+        if args.verbose:
+            raise
+        print(f"chainopt: error: {exc}; the interrupted run is marked FAILED, run the same command again to resume",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("chainopt: interrupted; finished runs are kept, run the same command again to resume",
               file=sys.stderr)

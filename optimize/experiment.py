@@ -28,6 +28,8 @@ from optimize.data import Splits, load_splits
 from optimize.engine import build_lm
 from optimize.evaluate import ChainRecord, evaluate
 from optimize.models import describe
+from optimize.progress import EvalProgress
+from optimize.progress import phase as timed
 from optimize.optimizers import CompileInputs, compile_program, get_optimizer, resolve_settings, trajectory
 
 Progress = Callable[[str], None]
@@ -85,7 +87,7 @@ def prices(trial: Trial) -> dict[str, float]:
     return {"usd_per_hour": c.usd_per_hour, "usd_per_m_input": c.usd_per_m_input, "usd_per_m_output": c.usd_per_m_output}
 
 
-def run_trial(trial: Trial, splits: Splits, progress: Progress = lambda s: None) -> TrialResult:
+def run_trial(trial: Trial, splits: Splits, progress: Progress = lambda s: None, live: bool | None = None) -> TrialResult:
     """Compile and score one combination inside the active (child) MLflow run."""
     from programs import get_program
 
@@ -93,8 +95,9 @@ def run_trial(trial: Trial, splits: Splits, progress: Progress = lambda s: None)
     opt_spec = get_optimizer(trial.optimizer.name)
     opt_settings = resolve_settings(opt_spec, trial.optimizer.settings)
     model_cfg = trial.model.model_copy(update={"seed": trial.seed})
-    lm = build_lm(model_cfg)
-    teacher = build_lm(trial.optimizer.teacher) if trial.optimizer.teacher else lm
+    with timed(f"loading {model_cfg.spec}", progress, live=live):
+        lm = build_lm(model_cfg)
+        teacher = build_lm(trial.optimizer.teacher) if trial.optimizer.teacher else lm
     info = describe(model_cfg.spec)
     tracking.log_params({**trial.flat_params(), **info.as_params(), "config_hash": trial.config_hash(),
                          **{f"optimizer.resolved.{k}": v for k, v in opt_settings.items()},
@@ -106,18 +109,17 @@ def run_trial(trial: Trial, splits: Splits, progress: Progress = lambda s: None)
     metrics: dict[str, float] = {}
     with dspy.context(lm=lm, adapter=adapter()), \
             cost.metered("run", trial.budget.run_tokens, all_threads=True) as run_tally:
-        progress(f"compiling with {opt_spec.name}")
-        with cost.spending(watts) as phase:
+        with timed(f"compiling with {opt_spec.name}", progress, live=live), cost.spending(watts) as phase:
             ctx = CompileInputs(metric=metric, trainset=splits.train, valset=splits.dev, teacher_lm=teacher,
                                 seed=trial.seed, threads=trial.eval.threads, input_fields=splits.task.input_fields)
             compiled, teleprompter = compile_program(opt_spec, dict(opt_settings), student, ctx)
         compile_units = cost.spend_units(phase["spend"], prices(trial))
         metrics.update({f"compile_{unit}": value for unit, value in compile_units.items()})
         examples = getattr(splits, trial.eval.split)
-        progress(f"evaluating on {len(examples)} {trial.eval.split} examples")
-        with cost.spending(watts) as phase:
+        with cost.spending(watts) as phase, EvalProgress(len(examples), f"evaluating {trial.eval.split}",
+                                                         report=progress, live=live) as bar:
             result = evaluate(compiled, examples, metric, splits.task.answer_field, threads=trial.eval.threads,
-                              chain_tokens=trial.budget.chain_tokens, run_tally=run_tally)
+                              chain_tokens=trial.budget.chain_tokens, run_tally=run_tally, on_record=bar.record)
     records = result.records
     metrics.update(cost.summarize([r.success for r in records], [r.seconds for r in records], phase["spend"],
                                   prices(trial)))
@@ -171,8 +173,9 @@ def _on_sigterm(signum, frame):
     raise Interrupted()
 
 
-def run_experiment(exp: Experiment, source: Path | None = None, progress: Progress = lambda s: None) -> ExperimentResult:
-    """Run (or resume) every combination of the sweep and record it in MLflow."""
+def run_experiment(exp: Experiment, source: Path | None = None, progress: Progress = lambda s: None,
+                   live: bool | None = None) -> ExperimentResult:
+    """Run (or resume) every combination of the sweep and record it in MLflow; `live` forces the progress bar."""
     check(exp)
     experiment_id = tracking.setup(exp.tracking.experiment or exp.name, exp.tracking.uri)
     ehash = experiment_hash(exp)
@@ -207,7 +210,7 @@ def run_experiment(exp: Experiment, source: Path | None = None, progress: Progre
                 with mlflow.start_run(run_name=name, nested=True, experiment_id=experiment_id,
                                       tags={tracking.TAG_KIND: "child", tracking.TAG_HASH: trial.config_hash(),
                                             **tracking.versions()}):
-                    results.append(run_trial(trial, splits, lambda s: progress(f"    {s}")))
+                    results.append(run_trial(trial, splits, lambda s: progress(f"    {s}"), live))
             log_break_even(results)
             rows = tracking.child_rows(experiment_id, parent_run.info.run_id)
             for row in rows:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sqlite3
 import subprocess
 import tempfile
 from pathlib import Path
@@ -41,15 +42,21 @@ def setup(experiment: str, uri: str | None = None) -> str:
     """Point MLflow at the store and make sure the experiment exists; returns its id."""
     uri = tracking_uri(uri)
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient()
     try:
+        if uri.startswith("sqlite:///"):  # fail now, not after MLflow's ~100 s of retries meant for servers
+            path = Path(uri.removeprefix("sqlite:///"))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            sqlite3.connect(path).execute("pragma user_version").connection.close()
+        client = MlflowClient()  # opening a SQLite store creates its folder and tables: it fails here
         found = client.get_experiment_by_name(experiment)
         if found is not None:
             return found.experiment_id
         location = None
         if uri.startswith("sqlite:///"):
             location = (Path(uri.removeprefix("sqlite:///")).parent / "mlruns").resolve().as_uri()
-        return client.create_experiment(experiment, artifact_location=location)
+        # Tagged as a model-development experiment, so the MLflow UI opens on its runs table, not GenAI pages.
+        return client.create_experiment(experiment, artifact_location=location,
+                                        tags={"mlflow.experimentKind": "custom_model_development"})
     except Exception as exc:
         raise ChainoptError(f"cannot use the MLflow store at {uri}: {str(exc).splitlines()[0]}") from exc
 
@@ -172,12 +179,14 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path, cost_label: str = "secon
     for r in finite:
         ax.scatter(r["cost"], r["accuracy"], s=70 if r["pareto"] else 35,
                    c="tab:red" if r["pareto"] else "tab:blue", zorder=3)
-        ax.annotate(r["name"], (r["cost"], r["accuracy"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        label = r["optimizer"] if len({x["program"] for x in rows}) == 1 else f"{r['program']}+{r['optimizer']}"
+        ax.annotate(label, (r["cost"], r["accuracy"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
     front = sorted((r for r in finite if r["pareto"]), key=lambda r: r["cost"])
     if front:
         ax.step([r["cost"] for r in front], [r["accuracy"] for r in front], where="post", c="tab:red", alpha=.5,
                 label="Pareto front")
         ax.legend(loc="lower right")
+    ax.margins(x=0.2, y=0.15)
     unsolved = len(rows) - len(finite)
     ax.set_xlabel(cost_label + (f"  ({unsolved} run(s) with no success not shown)" if unsolved else ""))
     ax.set_ylabel("accuracy")
