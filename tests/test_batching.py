@@ -1,0 +1,140 @@
+"""The batched backend on the real embedded model: same answers as the sequential reference, exact
+prefix reuse, one worker serving many threads, a grammar per sequence, bounded KV memory."""
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import dspy
+import numpy as np
+import pytest
+
+from optimize import cost
+from optimize.adapter import CacheFriendlyAdapter
+from optimize.batching import BatchedBackend
+from optimize.config import ModelConfig
+from optimize.engine import Generation, LlamaEngine, SequentialBackend, load_llama, schema_grammar
+from optimize.errors import ModelError
+
+pytestmark = pytest.mark.model
+
+SYSTEM = "You are a careful assistant. Answer briefly and exactly as asked, with no extra words."
+NUMBER = schema_grammar(json.dumps({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}))
+COLOUR = schema_grammar(json.dumps({"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]}},
+                                    "required": ["colour"]}))
+
+
+@pytest.fixture(scope="module")
+def llama(smollm_info):
+    return load_llama(smollm_info, ModelConfig(n_ctx=2048))
+
+
+@pytest.fixture(scope="module")
+def sequential(llama):
+    return SequentialBackend(llama)  # not closed: it would close the shared Llama
+
+
+@pytest.fixture(scope="module")
+def batched(llama):
+    backend = BatchedBackend(llama, parallel=16, n_cells=8192)
+    yield backend
+    backend.close()
+
+
+def chat(llama, user: str, system: str = SYSTEM) -> tuple[int, ...]:
+    text = f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+    return tuple(llama.tokenize(text.encode(), add_bos=False, special=True))
+
+
+def jobs(llama, n: int) -> list[Generation]:
+    """Distinct prompts sharing a system prompt; every other one under a JSON grammar."""
+    return [Generation(tokens=chat(llama, f"Repeat the number {1000 + 37 * i}."), max_tokens=10,
+                       grammar=NUMBER if i % 2 else None) for i in range(n)]
+
+
+def test_32_threads_get_the_sequential_answers_to_their_own_prompts(llama, sequential, batched):
+    # More threads than slots: requests queue and join between steps; each must get its own answer.
+    work = jobs(llama, 32)
+    expected = [sequential.generate(job) for job in work]
+    with ThreadPoolExecutor(32) as pool:
+        got = list(pool.map(batched.generate, work))
+    same = sum((g.text, g.n_output) == (e.text, e.n_output) for g, e in zip(got, expected))
+    # Known gap (see the report of the batching issue): a sequence that copies a cached prefix while the
+    # cache also holds other continuations at the same positions gets logits ~0.4 off, flipping near ties.
+    assert same >= 30, f"only {same}/32 answers equal the sequential backend's"
+    assert all(g.n_prompt == len(job.tokens) for g, job in zip(got, work))
+
+
+def test_second_request_reuses_exactly_the_shared_prefix(llama):
+    backend = BatchedBackend(llama, parallel=4, n_cells=2048)
+    try:
+        first = Generation(tokens=chat(llama, "Name a colour."), max_tokens=4)
+        second = Generation(tokens=chat(llama, "Name a fruit."), max_tokens=4)
+        shared = int(np.flatnonzero(np.array(first.tokens) != np.array(second.tokens))[0])
+        assert backend.generate(first).n_reused == 0
+        done = backend.generate(second)
+        assert done.n_reused == shared
+        # The same prompt again: all but the last token come from the cache.
+        assert backend.generate(second).n_reused == len(second.tokens) - 1
+    finally:
+        backend.close()
+
+
+def test_engine_usage_reports_reused_input(llama, smollm_info):
+    class Intent(dspy.Signature):
+        """Pick the colour named in the sentence."""
+
+        sentence: str = dspy.InputField()
+        colour: str = dspy.OutputField()
+
+    engine = LlamaEngine(smollm_info, ModelConfig(engine="batched", max_tokens=16, cache=False),
+                         backend=BatchedBackend(llama, parallel=4, n_cells=2048))
+    lm = dspy.LM("llamacpp/test-batched", engine=engine, temperature=0.0, max_tokens=16, cache=False, num_retries=0)
+    try:
+        with dspy.context(lm=lm, adapter=CacheFriendlyAdapter()):
+            dspy.Predict(Intent)(sentence="The sky is blue.")
+            with cost.metered() as tally:
+                dspy.Predict(Intent)(sentence="Grass is green.")
+    finally:
+        engine.close()
+    # Everything before the sentence is shared; only the sentence and the turn end are computed.
+    assert tally.usage.input_reused > 100
+    assert tally.usage.input_computed < 25
+
+
+def test_each_sequence_decodes_under_its_own_grammar(llama, batched):
+    work = [Generation(tokens=chat(llama, "What colour is the sky? Reply in JSON."), max_tokens=16,
+                       grammar=COLOUR if i % 2 else NUMBER) for i in range(6)]
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(batched.generate, work))
+    for i, done in enumerate(got):
+        value = json.loads(done.text)
+        if i % 2:
+            assert value["colour"] in {"red", "green", "blue"}
+        else:
+            assert isinstance(value["n"], int)
+
+
+def test_a_bad_request_fails_alone(llama, batched):
+    good = Generation(tokens=chat(llama, "Say hi."), max_tokens=4)
+    bad = Generation(tokens=chat(llama, "Say hi."), max_tokens=4, grammar="root ::= undefined-rule")
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(batched.generate, bad), pool.submit(batched.generate, good)]
+        with pytest.raises(ModelError, match="grammar"):
+            futures[0].result()
+        assert futures[1].result().n_output > 0
+
+
+def test_kv_memory_stays_bounded_and_lru_prefixes_are_evicted(llama):
+    backend = BatchedBackend(llama, parallel=2, n_cells=512, max_prefixes=8)
+    try:
+        for i in range(8):
+            # Distinct system prompts: nothing is shared, so every prompt is a new prefix of ~120 tokens.
+            job = Generation(tokens=chat(llama, "Say one word.", system=f"Session {i}. {SYSTEM} " * 4), max_tokens=4)
+            assert backend.generate(job).n_output > 0
+            assert backend._cells_used <= backend.n_cells
+        held = backend.cached_prefixes
+        assert 0 < len(held) < 8 and sum(held) <= backend.n_cells
+    finally:
+        backend.close()
+    with pytest.raises(ModelError, match="closed"):
+        backend.generate(job)
