@@ -79,10 +79,12 @@ def start_ui(uri: str | None = None, port: int | None = None, timeout: float = 9
     uri = tracking_uri(uri)
     port = port or free_port()
     url = f"http://{HOST}:{port}"
-    # LiteLLM (imported by the server) otherwise spends seconds retrying a price-list download offline.
+    # LiteLLM (imported by the server) otherwise spends seconds retrying a price-list download offline;
+    # the server's background job runners (GenAI jobs, several processes) are not needed to browse runs.
+    env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ,
+           "MLFLOW_TRACKING_URI": uri}
     process = subprocess.Popen(server_command(uri, port), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True, errors="replace", start_new_session=True,
-                               env={"LITELLM_LOCAL_MODEL_COST_MAP": "True", **os.environ, "MLFLOW_TRACKING_URI": uri})
+                               text=True, errors="replace", start_new_session=True, env=env)
     log: deque[str] = deque(maxlen=50)
     threading.Thread(target=_keep_tail, args=(process, log), daemon=True).start()
     wait_until_up(process, url, timeout, log)
