@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from optimize.bench import (BenchResult, Rates, Row, floor_seconds, format_table, identical_rate, run_bench,
-                            speedup)
+from optimize.bench import (BenchResult, Rates, Row, best_rates, floor_seconds, format_table, identical_rate,
+                            run_bench, speedup)
 from optimize.errors import ConfigError
 
 
@@ -20,6 +20,17 @@ from optimize.errors import ConfigError
 ])
 def test_floor_seconds(computed: int, output: int, prompt_tps: float, decode_tps: float, expected: float) -> None:
     assert math.isclose(floor_seconds(computed, output, prompt_tps, decode_tps), expected)
+
+
+@pytest.mark.parametrize("measured, expected", [
+    ([], None),
+    ([(400.0, 200.0)], (400.0, 200.0)),
+    ([(60.0, 6.0), (440.0, 260.0)], (440.0, 260.0)),  # start under load, end idle: the idle one counts
+    ([(440.0, 100.0), (300.0, 260.0)], (440.0, 260.0)),  # each rate at its best
+])
+def test_best_rates(measured: list[tuple[float, float]], expected: tuple[float, float] | None) -> None:
+    best = best_rates([Rates(p, d, 1024, 16, 512, 32) for p, d in measured])
+    assert (best and (best.prompt_tps, best.decode_tps)) == expected
 
 
 @pytest.mark.parametrize("ref_s, ref_n, s, n, expected", [
