@@ -28,6 +28,7 @@ EXAMPLES = {
     "ui": "chainopt ui --port 5000",
     "report": "chainopt report experiments/banking77-fewshot.toml  # writes reports/banking77-fewshot.html",
     "export": "chainopt export 3f2a9c... --out exports/banking77-best",
+    "bench": "chainopt bench --workload banking77 --n 200 --stock-limit 20",
     "predict": "chainopt predict exports/banking77-best --input queries.jsonl --output answers.jsonl",
 }
 
@@ -124,7 +125,7 @@ def cmd_validate(args, out: Output) -> int:
     from optimize.experiment import check
 
     exp = load_experiment(args.experiment)
-    check(exp)
+    check(exp, Path(args.experiment))
     n = len(exp.combinations())
     out.result(f"{args.experiment}: valid ({n} combination{'s' * (n != 1)})", {"valid": True, "combinations": n})
     return 0
@@ -242,6 +243,16 @@ def cmd_report(args, out: Output) -> int:
     return 0
 
 
+def cmd_bench(args, out: Output) -> int:
+    from optimize.bench import format_table, run_bench
+
+    result = run_bench(args.workload, n=args.n, stock_limit=args.stock_limit,
+                       paths=tuple(args.paths.split(",")) if args.paths else None, parallel=args.parallel,
+                       model=args.model, seed=args.seed, timeout=args.timeout, progress=out.progress)
+    out.result(format_table(result), result.as_dict())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chainopt", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -279,6 +290,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_id", help="MLflow run id of a child run (see chainopt compare)")
     p.add_argument("--out", required=True, help="folder to write (must not exist or be empty)")
     p.add_argument("--no-register", action="store_true", help="skip the MLflow model registry")
+    p = add("bench", cmd_bench, "measure the stock DSPy + llama.cpp paths against chainopt's engines, side by side")
+    p.add_argument("--workload", default="banking77", choices=["banking77", "gsm8k-chain", "bootstrap"])
+    p.add_argument("--n", type=int, help="examples (default: the workload's)")
+    p.add_argument("--stock-limit", type=int, help="run the slow stock rows on the first N examples only")
+    p.add_argument("--paths", help="comma-separated rows among server,inproc,sequential,batched")
+    p.add_argument("--parallel", type=int, default=16, help="threads and batched sequences of chainopt rows")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, help="seconds allowed per row")
     p = add("predict", cmd_predict, "run an exported program on new inputs (JSONL in, JSONL out)")
     p.add_argument("export", help="export folder")
     p.add_argument("--input", help="JSONL with the task's input fields; default: the exported evaluation slice")
@@ -299,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.json:  # with a tracking server MLflow prints "View run at <url>" to stdout, breaking the JSON
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     if not args.verbose:
         warnings.filterwarnings("ignore")
         os.environ.setdefault("TQDM_DISABLE", "1")
