@@ -324,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         warnings.filterwarnings("ignore")
         os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read by mlflow at import
         import logging
 
         for name in ("dspy", "mlflow", "LiteLLM", "httpx", "alembic"):
