@@ -6,6 +6,8 @@ resolved config, so a re-run recognises finished work and does not recompute it.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
@@ -13,7 +15,7 @@ import sqlite3
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import mlflow
 from mlflow.entities import Run
@@ -38,25 +40,38 @@ def tracking_uri(configured: str | None = None) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
 
 
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """One process at a time opens a local SQLite store: two runs started together would otherwise both
+    create a new store's tables ("table ... already exists") or the same experiment."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    path = Path(uri.removeprefix("sqlite:///"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Fails at once where the store cannot be written, not after MLflow's ~100 s of retries meant for servers.
+    sqlite3.connect(path).execute("pragma user_version").connection.close()
+    with path.open("ab") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # flock: independent of the fcntl() byte locks SQLite itself takes
+        yield
+
+
 def setup(experiment: str, uri: str | None = None) -> str:
     """Point MLflow at the store and make sure the experiment exists; returns its id."""
     uri = tracking_uri(uri)
     mlflow.set_tracking_uri(uri)
     try:
-        if uri.startswith("sqlite:///"):  # fail now, not after MLflow's ~100 s of retries meant for servers
-            path = Path(uri.removeprefix("sqlite:///"))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            sqlite3.connect(path).execute("pragma user_version").connection.close()
-        client = MlflowClient()  # opening a SQLite store creates its folder and tables: it fails here
-        found = client.get_experiment_by_name(experiment)
-        if found is not None:
-            return found.experiment_id
-        location = None
-        if uri.startswith("sqlite:///"):
-            location = (Path(uri.removeprefix("sqlite:///")).parent / "mlruns").resolve().as_uri()
-        # Tagged as a model-development experiment, so the MLflow UI opens on its runs table, not GenAI pages.
-        return client.create_experiment(experiment, artifact_location=location,
-                                        tags={"mlflow.experimentKind": "custom_model_development"})
+        with _store_lock(uri):
+            client = MlflowClient()  # opening a SQLite store creates its folder and tables: it fails here
+            found = client.get_experiment_by_name(experiment)
+            if found is not None:
+                return found.experiment_id
+            location = None
+            if uri.startswith("sqlite:///"):
+                location = (Path(uri.removeprefix("sqlite:///")).parent / "mlruns").resolve().as_uri()
+            # Tagged as a model-development experiment, so the MLflow UI opens on its runs table, not GenAI pages.
+            return client.create_experiment(experiment, artifact_location=location,
+                                            tags={"mlflow.experimentKind": "custom_model_development"})
     except Exception as exc:
         raise ChainoptError(f"cannot use the MLflow store at {uri}: {str(exc).splitlines()[0]}") from exc
 
@@ -206,8 +221,3 @@ def runs_of(experiment: str, uri: str | None = None) -> tuple[str, Run]:
     if not runs:
         raise ChainoptError(f"no runs recorded for experiment {experiment!r} in {tracking_uri(uri)}")
     return experiment_id, runs[0]
-
-
-def iter_artifact_text(run_id: str, path: str) -> Iterator[str]:
-    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path)
-    yield Path(local).read_text()
