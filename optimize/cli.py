@@ -339,8 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # the machine, not the user's input: a full disk, a vanished folder
         if args.verbose:
             raise
-        print(f"chainopt: error: {exc}; the interrupted run is marked FAILED, run the same command again to resume",
-              file=sys.stderr)
+        print(f"chainopt: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("chainopt: interrupted; finished runs are kept, run the same command again to resume",

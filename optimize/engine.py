@@ -12,10 +12,12 @@ tokens, seconds) and hands the actual decoding to a backend:
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import itertools
 import json
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -59,13 +61,33 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C/SIGTERM until the block ends: raised inside llama.cpp's ctypes log callback, the
+    KeyboardInterrupt would be printed and dropped, and the run would go on as if nothing happened."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    kept = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
+            for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in kept.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(caught):
+            signal.raise_signal(sig)
+
+
 def load_llama(info: ModelInfo, cfg: ModelConfig, **extra):
     """Load the model with llama.cpp; a file llama.cpp cannot read is a ModelError, not a crash."""
     import llama_cpp
 
     try:
-        return llama_cpp.Llama(model_path=info.path, n_ctx=cfg.n_ctx, n_batch=min(512, cfg.n_ctx),
-                               n_threads=cfg.n_threads or os.cpu_count(), seed=cfg.seed, verbose=False, **extra)
+        with _signals_deferred():
+            return llama_cpp.Llama(model_path=info.path, n_ctx=cfg.n_ctx, n_batch=min(512, cfg.n_ctx),
+                                   n_threads=cfg.n_threads or os.cpu_count(), seed=cfg.seed, verbose=False, **extra)
     except (ValueError, RuntimeError) as exc:
         raise ModelError(f"llama.cpp cannot load {info.path}: {exc}") from exc
 

@@ -26,6 +26,7 @@ from optimize import cost, tracking
 from optimize.config import Experiment, Trial
 from optimize.data import Splits, load_splits
 from optimize.engine import build_lm
+from optimize.errors import ChainoptError
 from optimize.evaluate import ChainRecord, evaluate
 from optimize.models import describe
 from optimize.progress import EvalProgress
@@ -67,19 +68,25 @@ def experiment_hash(exp: Experiment) -> str:
     return hashlib.sha256(json.dumps(exp.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def check(exp: Experiment) -> None:
-    """Fail before anything runs: every program, optimizer setting, model and dataset must resolve."""
+def check(exp: Experiment, source: Path | None = None) -> None:
+    """Fail before anything runs: every program, optimizer setting, model and dataset must resolve.
+    With `source`, an error starts with the experiment file's name, as the schema's errors do."""
     from programs import get_program
 
-    for model in exp.models:
-        describe(model.spec)
-    for program in exp.programs:
-        get_program(program.name)
-    for opt in exp.optimizers:
-        resolve_settings(get_optimizer(opt.name), opt.settings)
-        if opt.teacher is not None:
-            describe(opt.teacher.spec)
-    load_splits(exp.data)
+    try:
+        for model in exp.models:
+            describe(model.spec)
+        for program in exp.programs:
+            get_program(program.name)
+        for opt in exp.optimizers:
+            resolve_settings(get_optimizer(opt.name), opt.settings)
+            if opt.teacher is not None:
+                describe(opt.teacher.spec)
+        load_splits(exp.data)
+    except ChainoptError as exc:
+        if source is None:
+            raise
+        raise type(exc)(f"{source}: {exc}") from None
 
 
 def prices(trial: Trial) -> dict[str, float]:
@@ -176,7 +183,7 @@ def _on_sigterm(signum, frame):
 def run_experiment(exp: Experiment, source: Path | None = None, progress: Progress = lambda s: None,
                    live: bool | None = None) -> ExperimentResult:
     """Run (or resume) every combination of the sweep and record it in MLflow; `live` forces the progress bar."""
-    check(exp)
+    check(exp, source)
     experiment_id = tracking.setup(exp.tracking.experiment or exp.name, exp.tracking.uri)
     ehash = experiment_hash(exp)
     parent = tracking.find_parent(experiment_id, ehash)
