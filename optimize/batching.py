@@ -2,16 +2,26 @@
 
 Why: on a small CPU model, prefill dominates (a DSPy prompt is ~2,000 tokens, an answer ~15), and
 one sequence at a time leaves the matmuls starved. Here one worker thread owns a llama.cpp context
-with a unified KV cache and `parallel` sequence slots. Each step it packs into one `llama_batch`
-a next token for every decoding sequence plus prompt chunks of sequences still in prefill; new
-requests join between steps (continuous batching).
+with `parallel` decoding slots. Each step it packs into one `llama_batch` a next token for every
+decoding sequence plus prompt chunks of sequences still in prefill; new requests join between
+steps (continuous batching).
 
-Prefix sharing: a computed prompt stays in the KV cache under a reserved sequence id (an LRU of
-"prefixes"). A new request copies the longest token-exact match (`llama_memory_seq_cp`, which in
-a unified cache only tags the same cells, no data moves) and computes only the rest. A request
-whose prompt shares more with a prompt still being computed waits for it instead of computing the
-same tokens twice. KV cells are reference-counted along these copies so the LRU can evict before
-the cache is full.
+Exactness: the KV cache is NOT unified (`kv_unified=False`): every sequence id is its own KV stream
+of `cells_per_seq` cells, so a sequence attends over its own cells only and its logits are bit-for-bit
+those of the same tokens computed alone (in a unified cache the mere presence of other sequences'
+cells moved logits by up to 0.4 and flipped near-ties at temperature 0).
+
+Prefix sharing: a stream keeps its tokens after its request ends, and a few extra streams hold
+cached prompts (an LRU of "prefixes"). A new request starts from the stream that shares the longest
+token-exact prefix with it: in place when that is a free slot, else by copying the whole source
+stream (`llama_memory_seq_cp(src, dst, -1, -1)`: llama.cpp copies only full streams across streams)
+and trimming it beyond the match (`llama_memory_seq_rm(dst, n, -1)`); only the rest is computed.
+A request whose prompt shares more with a prompt still being computed waits for it instead of
+computing the same tokens twice.
+
+Memory is fixed at start: (parallel + max_prefixes) streams x cells_per_seq cells. `cells_per_seq`
+defaults to the Llama's n_ctx (the engine's context window, so its overflow policy applies as is),
+and the number of slots is cut to keep the KV cache within `kv_budget` bytes.
 
 Sampling mirrors `llama_cpp.Llama` (the SequentialBackend reference): at temperature 0, the
 greedy token under the grammar; it is found by checking the unconstrained argmax against the
@@ -29,11 +39,14 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import numpy as np
+from dspy import lm15
 
 from optimize.engine import Completion, Generation
 from optimize.errors import ModelError
 
 WAIT_FOR_SHARED = 64  # wait for a prompt in flight when it will share this many more tokens than the cache
+KV_BUDGET = 1_200_000_000  # bytes of KV cache the default slot count must fit in
+EMPTY = np.zeros(0, dtype=np.int32)
 
 
 def _lcp(a: np.ndarray, b: np.ndarray) -> int:
@@ -42,13 +55,12 @@ def _lcp(a: np.ndarray, b: np.ndarray) -> int:
     return int(diff[0]) if diff.size else n
 
 
-@dataclass(eq=False)
-class _Cells:
-    """KV cells a holder (a slot or a cached prefix) brought in, alive while anything copied from them lives."""
+def kv_bytes_per_cell(model) -> int:
+    """Bytes one token's K and V take across all layers in f16 (llama.cpp's default cache type)."""
+    import llama_cpp as lc
 
-    own: int
-    base: "_Cells | None" = None
-    refs: int = 1
+    head_dim = lc.llama_model_n_embd(model) // lc.llama_model_n_head(model)
+    return lc.llama_model_n_layer(model) * lc.llama_model_n_head_kv(model) * head_dim * 2 * 2
 
 
 @dataclass(eq=False)
@@ -64,7 +76,6 @@ class _Request:
 class _Prefix:
     seq: int
     tokens: np.ndarray
-    cells: _Cells
 
 
 @dataclass(eq=False)
@@ -72,7 +83,6 @@ class _Slot:
     seq: int
     request: _Request
     reused: int
-    cells: _Cells
     sampler: "_Sampler"
     n_past: int  # tokens of this sequence already in the KV cache
     order: int  # admission order: prompts are computed first come, first served
@@ -140,26 +150,37 @@ class _Sampler:
 class BatchedBackend:
     """Continuous batching with prefix sharing over one llama.cpp context; thread-safe `generate`."""
 
-    def __init__(self, llama, parallel: int = 16, n_cells: int | None = None, n_batch: int = 512,
-                 max_prefixes: int = 32, n_threads: int | None = None, flash_attn: bool = False):
+    def __init__(self, llama, parallel: int = 16, cells_per_seq: int | None = None, n_batch: int = 512,
+                 max_prefixes: int = 2, n_threads: int | None = None, flash_attn: bool = False,
+                 kv_budget: int | None = KV_BUDGET):
         import llama_cpp as lc
 
         self.lc, self.llama = lc, llama
+        self.cells_per_seq = cells_per_seq or llama.n_ctx()
+        self.bytes_per_cell = kv_bytes_per_cell(llama._model.model)
+        if kv_budget is not None:
+            fit = kv_budget // (self.cells_per_seq * self.bytes_per_cell) - max_prefixes
+            parallel = max(1, min(parallel, fit))
         self.parallel, self.max_prefixes = parallel, max_prefixes
-        self.n_cells = n_cells or max(16384, llama.n_ctx())
         self.n_batch = n_batch
+        n_streams = parallel + max_prefixes
         params = lc.llama_context_default_params()
-        params.n_ctx = self.n_cells
+        params.n_ctx = n_streams * self.cells_per_seq  # llama.cpp gives each stream n_ctx / n_seq_max cells
         params.n_batch = params.n_ubatch = n_batch
-        params.n_seq_max = parallel + max_prefixes
-        params.kv_unified = True
+        params.n_seq_max = n_streams
+        params.kv_unified = False
         params.n_threads = params.n_threads_batch = n_threads or getattr(llama, "n_threads", None) or os.cpu_count()
         params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
         params.no_perf = True
         self.ctx = lc.llama_init_from_model(llama._model.model, params)
         if not self.ctx:
-            raise ModelError(f"llama.cpp could not create a context of {self.n_cells} KV cells "
-                             f"for {parallel} + {max_prefixes} sequences; lower parallel or n_cells")
+            raise ModelError(f"llama.cpp could not create a context of {n_streams} KV streams x "
+                             f"{self.cells_per_seq} cells; lower parallel or cells_per_seq")
+        if lc.llama_n_ctx_seq(self.ctx) < self.cells_per_seq:
+            lc.llama_free(self.ctx)
+            raise ModelError(f"llama.cpp gave {lc.llama_n_ctx_seq(self.ctx)} KV cells per sequence, "
+                             f"not {self.cells_per_seq}")
+        self.kv_bytes = n_streams * self.cells_per_seq * self.bytes_per_cell
         self.mem = lc.llama_get_memory(self.ctx)
         self.vocab = llama._model.vocab
         self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
@@ -174,11 +195,12 @@ class BatchedBackend:
         self._cond = threading.Condition()
         self._closed = False
         self._slots: dict[int, _Slot] = {}
-        self._free_slots = list(range(parallel))
+        # Free slots and the tokens their streams still hold, least recently freed first.
+        self._free_slots: OrderedDict[int, np.ndarray] = OrderedDict((seq, EMPTY) for seq in range(parallel))
         self._prefixes: OrderedDict[int, _Prefix] = OrderedDict()  # LRU first
-        self._free_prefix_seqs = list(range(parallel, parallel + max_prefixes))
-        self._cells_used = 0
+        self._free_prefix_seqs = list(range(parallel, n_streams))
         self._admitted = 0
+        self.copies = 0  # full-stream copies made (diagnostics)
         self._worker = threading.Thread(target=self._run, name="chainopt-batched-llama", daemon=True)
         self._worker.start()
 
@@ -186,9 +208,10 @@ class BatchedBackend:
     def generate(self, job: Generation) -> Completion:
         if not job.tokens:
             raise ModelError("empty prompt")
-        if len(job.tokens) + job.max_tokens > self.n_cells:
-            raise ModelError(f"prompt of {len(job.tokens)} tokens + max_tokens {job.max_tokens} exceeds the "
-                             f"batched engine's {self.n_cells} KV cells; raise n_cells")
+        if len(job.tokens) + job.max_tokens > self.cells_per_seq:
+            raise lm15.ContextLengthError(
+                f"prompt of {len(job.tokens)} tokens + max_tokens {job.max_tokens} exceeds the batched "
+                f"engine's {self.cells_per_seq} KV cells per sequence")
         request = _Request(job=job, tokens=np.asarray(job.tokens, dtype=np.int32))
         with self._cond:
             if self._closed:
@@ -215,7 +238,7 @@ class BatchedBackend:
 
     @property
     def cached_prefixes(self) -> list[int]:
-        """Token counts of the prefixes held in the cache, oldest first (for tests and diagnostics)."""
+        """Token counts of the prefixes held in the prefix streams, oldest first (for tests and diagnostics)."""
         with self._cond:
             return [len(p.tokens) for p in self._prefixes.values()]
 
@@ -258,8 +281,6 @@ class BatchedBackend:
         for request in pending:
             request.error = error
             request.done.set()
-        for prefix in list(self._prefixes.values()):
-            self._drop_prefix(prefix)
 
     def _admit(self) -> None:
         """Move waiting requests into free slots (called with the lock held)."""
@@ -271,10 +292,6 @@ class BatchedBackend:
             if in_flight >= reuse + WAIT_FOR_SHARED:
                 waiting.append(request)
                 continue
-            need = len(request.tokens) - reuse + request.job.max_tokens
-            if not self._make_room(need, keep=source) and self._slots:
-                waiting.append(request)  # wait for running sequences to free their cells
-                continue
             try:
                 self._start(request, source, reuse)
             except Exception as exc:  # noqa: BLE001 - one bad request (e.g. its grammar) fails only itself
@@ -282,108 +299,104 @@ class BatchedBackend:
                 request.done.set()
         self._pending.extendleft(reversed(waiting))
 
-    def _best_source(self, tokens: np.ndarray) -> tuple[_Prefix | _Slot | None, int]:
-        """The cached prefix or running sequence that shares the most leading tokens with `tokens`."""
+    def _best_source(self, tokens: np.ndarray) -> tuple[int | None, int]:
+        """The stream (a free slot, a running sequence or a cached prefix) sharing the most leading tokens
+        with `tokens`; a free slot wins ties, since it is used in place, without a copy."""
         best, best_len = None, 0
-        for holder in [*self._prefixes.values(), *self._slots.values()]:
-            held = holder.tokens if isinstance(holder, _Prefix) else holder.kv_tokens()
-            n = _lcp(held, tokens)
+        held = [*self._free_slots.items(), *((s.seq, s.kv_tokens()) for s in self._slots.values()),
+                *((p.seq, p.tokens) for p in self._prefixes.values())]
+        for seq, kept in held:
+            n = _lcp(kept, tokens)
             if n > best_len:
-                best, best_len = holder, n
+                best, best_len = seq, n
         # The last prompt token is always computed: its logits give the first output token.
         return best, min(best_len, len(tokens) - 1)
 
-    def _start(self, request: _Request, source: _Prefix | _Slot | None, reuse: int) -> None:
+    def _start(self, request: _Request, source: int | None, reuse: int) -> None:
         sampler = _Sampler(self, request.job)
-        seq = self._free_slots.pop()
-        lc = self.lc
-        lc.llama_memory_seq_rm(self.mem, seq, -1, -1)
-        base = None
-        if source is not None and reuse > 0:
-            lc.llama_memory_seq_cp(self.mem, source.seq, seq, 0, reuse)
-            base = source.cells
-            base.refs += 1
-            if isinstance(source, _Prefix):
-                self._prefixes.move_to_end(source.seq)
+        lc, mem = self.lc, self.mem
+        if source in self._free_slots and reuse > 0:
+            seq = source  # in place: keep what the stream holds up to the match
+            del self._free_slots[seq]
+            lc.llama_memory_seq_rm(mem, seq, reuse, -1)
         else:
-            reuse = 0
-        cells = _Cells(own=len(request.tokens) - reuse + request.job.max_tokens, base=base)
-        self._cells_used += cells.own
+            seq = min(self._free_slots)  # the lowest free id keeps running ids consecutive (fewer ubatches)
+            del self._free_slots[seq]
+            lc.llama_memory_seq_rm(mem, seq, -1, -1)
+            if source is not None and reuse > 0:
+                self._copy(source, seq, reuse)
+            else:
+                reuse = 0
+        if source in self._prefixes:
+            self._prefixes.move_to_end(source)
         self._admitted += 1
-        self._slots[seq] = _Slot(seq=seq, request=request, reused=reuse, cells=cells, sampler=sampler,
+        self._slots[seq] = _Slot(seq=seq, request=request, reused=reuse, sampler=sampler,
                                  n_past=reuse, order=self._admitted)
 
-    def _make_room(self, need: int, keep: object = None) -> bool:
-        """Evict least recently used prefixes until `need` more cells fit; False if they cannot."""
-        for prefix in list(self._prefixes.values()):
-            if self._cells_used + need <= self.n_cells:
-                break
-            if prefix is not keep:
-                self._drop_prefix(prefix)
-        return self._cells_used + need <= self.n_cells
-
-    def _release(self, cells: _Cells) -> None:
-        node: _Cells | None = cells
-        while node is not None:
-            node.refs -= 1
-            if node.refs > 0:
-                return
-            self._cells_used -= node.own
-            node = node.base
-
-    def _drop_prefix(self, prefix: _Prefix) -> None:
-        self.lc.llama_memory_seq_rm(self.mem, prefix.seq, -1, -1)
-        del self._prefixes[prefix.seq]
-        self._free_prefix_seqs.append(prefix.seq)
-        self._release(prefix.cells)
+    def _copy(self, src: int, dst: int, n: int) -> None:
+        """Make stream `dst` hold the first `n` tokens of stream `src`: llama.cpp copies only whole
+        streams across streams (applied at the next decode, in order), so copy all and trim."""
+        self.lc.llama_memory_seq_cp(self.mem, src, dst, -1, -1)
+        self.lc.llama_memory_seq_rm(self.mem, dst, n, -1)
+        self.copies += 1
 
     def _keep_prefix(self, slot: _Slot) -> None:
-        """Remember a freshly computed prompt so later requests can start from it."""
+        """Remember a freshly computed prompt in a prefix stream unless one already holds most of it."""
         tokens = slot.prompt
         for prefix in self._prefixes.values():
-            if len(prefix.tokens) == len(tokens) and _lcp(prefix.tokens, tokens) == len(tokens):
+            if _lcp(prefix.tokens, tokens) + WAIT_FOR_SHARED >= len(tokens):
                 self._prefixes.move_to_end(prefix.seq)
                 return
         if not self._free_prefix_seqs:
             if not self._prefixes:
                 return
-            self._drop_prefix(next(iter(self._prefixes.values())))
+            self._free_prefix_seqs.append(self._prefixes.popitem(last=False)[0])
         seq = self._free_prefix_seqs.pop()
-        self.lc.llama_memory_seq_cp(self.mem, slot.seq, seq, 0, len(tokens))
-        slot.cells.refs += 1
-        self._prefixes[seq] = _Prefix(seq=seq, tokens=tokens, cells=_Cells(own=0, base=slot.cells))
+        self.lc.llama_memory_seq_rm(self.mem, seq, -1, -1)
+        self._copy(slot.seq, seq, len(tokens))
+        self._prefixes[seq] = _Prefix(seq=seq, tokens=tokens)
 
     def _step(self) -> None:
-        """One llama_decode over every active sequence: a token each for decoders, prompt chunks for the rest."""
+        """One llama_decode over every active sequence: a token each for decoders, prompt chunks for the rest.
+        Tokens go in by sequence id: llama.cpp splits a batch over several streams into ubatches of
+        consecutive ids."""
         n = 0
-        work: list[tuple[_Slot, int]] = []  # (slot, tokens it put in this batch)
+        work: dict[int, tuple[_Slot, int]] = {}  # seq -> (slot, tokens it puts in this batch)
         for slot in self._slots.values():
             if not slot.in_prefill:
-                self._put(n, slot.output[-1], slot.n_past, slot.seq, True)
-                slot.logits_row, n = n, n + 1
-                work.append((slot, 1))
+                work[slot.seq] = (slot, 1)
+        room = self.n_batch - len(work)
         for slot in sorted((s for s in self._slots.values() if s.in_prefill), key=lambda s: s.order):
-            take = min(self.n_batch - n, len(slot.prompt) - slot.n_past)
+            take = min(room, len(slot.prompt) - slot.n_past)
             if take <= 0:
                 break
+            work[slot.seq] = (slot, take)
+            room -= take
+        for seq in sorted(work):
+            slot, take = work[seq]
+            if not slot.in_prefill:
+                self._put(n, slot.output[-1], slot.n_past, seq, True)
+                slot.logits_row, n = n, n + 1
+                continue
             for pos in range(slot.n_past, slot.n_past + take):
                 last = pos == len(slot.prompt) - 1
-                self._put(n, int(slot.prompt[pos]), pos, slot.seq, last)
+                self._put(n, int(slot.prompt[pos]), pos, seq, last)
                 if last:
                     slot.logits_row = n
                 n += 1
-            work.append((slot, take))
         self.batch.n_tokens = n
         status = self.lc.llama_decode(self.ctx, self.batch)
         if status != 0:
-            self._decode_failed(status, [slot for slot, _ in work])
+            error = ModelError(f"llama_decode failed with status {status}")
+            for slot, _ in work.values():
+                self._finish(slot, error=error)
             return
-        for slot, taken in work:
+        for slot, taken in work.values():
             slot.n_past += taken
             if slot.in_prefill:
                 continue
             try:
-                if not slot.output:
+                if not slot.output and self.max_prefixes:
                     with self._cond:
                         self._keep_prefix(slot)
                 self._sample(slot)
@@ -404,36 +417,20 @@ class BatchedBackend:
         if len(slot.output) >= slot.request.job.max_tokens:
             self._finish(slot, reason="length")
 
-    def _decode_failed(self, status: int, slots: list[_Slot]) -> None:
-        """No KV room (status 1): evict prefixes, else send the newest sequence back to the queue."""
-        with self._cond:
-            if status == 1 and self._prefixes:
-                self._drop_prefix(next(iter(self._prefixes.values())))
-                return
-            if status == 1 and len(self._slots) > 1:
-                newest = max(self._slots.values(), key=lambda s: s.order)
-                self._free(newest)
-                self._pending.appendleft(newest.request)
-                return
-        error = ModelError(f"llama_decode failed with status {status}" +
-                           (" (no room in the KV cache; raise n_cells)" if status == 1 else ""))
-        for slot in slots:
-            self._finish(slot, error=error)
-
-    def _free(self, slot: _Slot) -> None:
-        self.lc.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
+    def _free(self, slot: _Slot, keep: bool) -> None:
+        """Give the slot back; its stream keeps its tokens for later requests unless `keep` is False."""
         slot.sampler.free()
         del self._slots[slot.seq]
-        self._free_slots.append(slot.seq)
-        # What stays alive for prefixes copied from this sequence is its prompt, not its reserve or output.
-        self._cells_used -= slot.cells.own - (len(slot.prompt) - slot.reused)
-        slot.cells.own = len(slot.prompt) - slot.reused
-        self._release(slot.cells)
+        if keep:
+            self._free_slots[slot.seq] = slot.kv_tokens()
+        else:
+            self.lc.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
+            self._free_slots[slot.seq] = EMPTY
 
     def _finish(self, slot: _Slot, reason: str = "stop", error: BaseException | None = None) -> None:
         request = slot.request
         with self._cond:
-            self._free(slot)
+            self._free(slot, keep=error is None)
         if error is None:
             job = request.job
             text = self.llama.detokenize(slot.output, prev_tokens=list(job.tokens)).decode("utf-8", errors="ignore")
