@@ -1,0 +1,36 @@
+"""Every registered program on 3 real examples with the embedded model: it runs, records, and parses."""
+
+import dspy
+import pytest
+
+from optimize.config import DataConfig, ModelConfig
+from optimize.data import load_splits
+from optimize.engine import build_lm
+from optimize.evaluate import evaluate
+from optimize.experiment import adapter
+from programs import list_programs
+
+pytestmark = pytest.mark.model
+
+DATASET = {"intent": "banking77", "math": "gsm8k"}
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return build_lm(ModelConfig(cache=False, max_tokens=200, n_ctx=4096))
+
+
+@pytest.mark.parametrize("spec", list_programs(), ids=lambda s: s.name)
+def test_program_on_three_real_examples(spec, lm):
+    splits = load_splits(DataConfig(dataset=DATASET[spec.kind], train=0, test=3, seed=0))
+    program = spec.build(splits.task)
+    with dspy.context(lm=lm, adapter=adapter()):
+        result = evaluate(program, splits.test, spec.metric(splits.task), splits.task.answer_field, threads=3)
+    assert result.attempted == 3
+    for record in result.records:
+        assert record.error is None, record.error
+        assert record.steps >= 1 and record.usage.calls >= 1
+        assert record.usage.tokens > 0 and sum(u.calls for u in record.by_step.values()) == record.usage.calls
+        assert not record.parse_failure
+        if spec.kind == "intent" and record.predicted is not None:
+            assert record.predicted in splits.task.labels
