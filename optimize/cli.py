@@ -7,6 +7,7 @@ The project's own errors become one clean line on stderr and a meaningful exit c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -39,13 +40,14 @@ class Output:
     def __init__(self, args: argparse.Namespace):
         self.json, self.quiet, self.verbose = args.json, args.quiet, args.verbose
         self.live = False if (self.quiet or self.json) else None  # None: a live bar only on a terminal
+        self.stdout = sys.stdout  # results go here; library prints are sent to stderr while a command runs
 
     def progress(self, message: str) -> None:
         if not self.quiet and not self.json:
             print(message, file=sys.stderr, flush=True)
 
     def result(self, text: str, data: Any) -> None:
-        print(json.dumps(data, indent=1, default=_json_default) if self.json else text)
+        print(json.dumps(data, indent=1, default=_json_default) if self.json else text, file=self.stdout)
 
 
 def _json_default(value: Any) -> Any:
@@ -317,20 +319,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _hush_libraries() -> None:
+    """DSPy's optimizers print and draw tqdm bars of their own; chainopt reports progress itself."""
+    import logging
+
+    import tqdm
+
+    if not getattr(tqdm.tqdm.__init__, "chainopt_hushed", False):
+        original = tqdm.tqdm.__init__
+
+        def init(self, *args, **kwargs):
+            kwargs["disable"] = True
+            original(self, *args, **kwargs)
+
+        init.chainopt_hushed = True
+        tqdm.tqdm.__init__ = init
+    import dspy  # noqa: F401  (it sets its loggers up at import; quiet them after)
+
+    for name in ("dspy", "mlflow", "LiteLLM", "httpx", "alembic", "optuna"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.json:  # with a tracking server MLflow prints "View run at <url>" to stdout, breaking the JSON
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     if not args.verbose:
         warnings.filterwarnings("ignore")
-        os.environ.setdefault("TQDM_DISABLE", "1")
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read by mlflow at import
-        import logging
-
-        for name in ("dspy", "mlflow", "LiteLLM", "httpx", "alembic"):
-            logging.getLogger(name).setLevel(logging.ERROR)
+        _hush_libraries()
+    out = Output(args)
     try:
-        return args.func(args, Output(args))
+        with contextlib.redirect_stdout(sys.stderr):
+            return args.func(args, out)
     except ChainoptError as exc:
         if args.verbose:
             raise
