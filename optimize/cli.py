@@ -357,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"chainopt: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # the reader went away (`chainopt compare | head`): nothing left to say
+        sys.stderr = open(os.devnull, "w")
+        return 0
     except OSError as exc:  # the machine, not the user's input: a full disk, a vanished folder
         if args.verbose:
             raise

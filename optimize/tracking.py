@@ -175,8 +175,9 @@ def child_rows(experiment_id: str, parent_id: str, cost_metric: str = "seconds_p
                      "model": p.get("model.spec"), "seed": p.get("seed"),
                      "accuracy": m.get("accuracy"), "cost": m.get(cost_metric), "metrics": m,
                      "stopped": run.data.tags.get(TAG_STOPPED, "")})
+    # A run with no success has no cost per success to trade against accuracy: it is never on the front.
     scored = [(r["run_id"], r["accuracy"], r["cost"]) for r in rows
-              if r["accuracy"] is not None and r["cost"] is not None]
+              if r["accuracy"] is not None and r["cost"] is not None and math.isfinite(r["cost"])]
     front = pareto_front(scored)
     for r in rows:
         r["pareto"] = r["run_id"] in front
