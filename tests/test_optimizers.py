@@ -115,3 +115,14 @@ def test_tfidf_embedder_finds_the_lexical_neighbour():
     emb = tfidf_embedder(train, ("query",))
     vectors = emb(["when will my card arrive", "euros exchange rate please"])
     assert vectors.shape[0] == 2
+
+
+def test_two_tfidf_embedders_never_share_cached_vectors():
+    """Two runs fit two vocabularies; DSPy's embedding cache must not hand one's vectors to the other."""
+    from optimize.optimizers import tfidf_embedder
+
+    small = [dspy.Example(query=q).with_inputs("query") for q in ["card arrived", "top up"]]
+    large = [dspy.Example(query=q).with_inputs("query") for q in
+             ["card arrived late", "top up failed", "exchange rate euros", "lost my phone and card"]]
+    query = ["has my card arrived"]
+    assert tfidf_embedder(large, ("query",))(query).shape[1] != tfidf_embedder(small, ("query",))(query).shape[1]
