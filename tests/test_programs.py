@@ -1,7 +1,6 @@
 import inspect
 import json
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import dspy
@@ -9,6 +8,7 @@ import pytest
 from dspy.utils.dummies import DummyLM
 
 from optimize import cost
+from optimize.data import Task
 from optimize.errors import ConfigError
 from programs import get_program, list_programs
 from programs.intent import OTHER_GROUP, derive_groups
@@ -18,19 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _banking77_labels() -> tuple[str, ...]:
-    for folder in (ROOT / "datasets" / "banking77", Path("/work/shared/datasets/banking77")):
-        if (folder / "categories.json").exists():
-            return tuple(json.loads((folder / "categories.json").read_text()))
-    pytest.skip("banking77 categories.json not found")
-
-
-@dataclass(frozen=True)
-class Task:
-    name: str
-    kind: str
-    input_fields: tuple[str, ...]
-    answer_field: str
-    labels: tuple[str, ...] | None = None
+    return tuple(json.loads((ROOT / "datasets" / "banking77" / "categories.json").read_text()))
 
 
 LABELS = _banking77_labels()
