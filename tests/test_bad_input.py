@@ -14,7 +14,6 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from optimize.cli import main
-from optimize.models import describe
 
 BASE = """\
 name = "bad"

@@ -1,7 +1,5 @@
 """The engine on the real embedded model: schema output parses, usage is exact, cache and threads behave."""
 
-import json
-import threading
 from typing import Literal
 
 import dspy
