@@ -23,6 +23,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from optimize import cost, tracking
+from optimize.adapter import CacheFriendlyAdapter
 from optimize.config import Experiment, Trial
 from optimize.data import Splits, load_splits
 from optimize.engine import build_lm
@@ -56,11 +57,7 @@ class ExperimentResult:
 
 
 def adapter() -> dspy.Adapter:
-    """Cache-friendly JSON prompts when available: static parts first, so the engine shares the prefix."""
-    try:
-        from optimize.adapter import CacheFriendlyAdapter
-    except ImportError:
-        return dspy.JSONAdapter()
+    """Cache-friendly JSON prompts: static parts first, so the engine shares the prefix across calls."""
     return CacheFriendlyAdapter()
 
 
