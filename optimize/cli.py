@@ -47,7 +47,8 @@ class Output:
             print(message, file=sys.stderr, flush=True)
 
     def result(self, text: str, data: Any) -> None:
-        print(json.dumps(data, indent=1, default=_json_default) if self.json else text, file=self.stdout)
+        print(json.dumps(data, indent=1, default=_json_default) if self.json else text, file=self.stdout,
+              flush=True)  # a reader (a script, `chainopt ui`'s caller) may be waiting while we keep running
 
 
 def _json_default(value: Any) -> Any:
@@ -222,7 +223,6 @@ def cmd_ui(args, out: Output) -> int:
     try:
         out.result(f"MLflow UI: {url}\n(store {uri}; Ctrl-C to stop)",
                    {"url": url, "tracking_uri": uri, "pid": process.pid})
-        sys.stdout.flush()
         code = process.wait()
         print(f"chainopt: error: the MLflow server stopped by itself (exit code {code})", file=sys.stderr)
         return 1

@@ -70,7 +70,7 @@ def test_cli_serves_the_store_named_by_the_environment_until_interrupted():
         runs = _get(f"{info['url']}/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment_id]})
         assert [r["info"]["run_name"] for r in runs["runs"]] == ["listed-run"]
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(30) == 0
+        assert proc.wait(60) == 0  # the server gets SIGTERM, then SIGKILL after 10 s
     finally:
         if proc.poll() is None:
             proc.kill()
