@@ -41,12 +41,13 @@ from dataclasses import dataclass, field
 import numpy as np
 from dspy import lm15
 
-from optimize.engine import Completion, Generation
+from optimize.engine import Completion, Generation, settle_choice
 from optimize.errors import ModelError
 
 WAIT_FOR_SHARED = 64  # wait for a prompt in flight when it will share this many more tokens than the cache
 KV_BUDGET = 1_200_000_000  # bytes of KV cache the default slot count must fit in
 EMPTY = np.zeros(0, dtype=np.int32)
+TOP_CANDIDATES = 64  # best tokens checked one by one before a whole-vocabulary grammar scan
 
 
 def _lcp(a: np.ndarray, b: np.ndarray) -> int:
@@ -251,6 +252,19 @@ class BatchedBackend:
         return one[0].logit != -np.inf
 
     def grammar_argmax(self, grammar, logits: np.ndarray) -> int:
+        """The highest-logit token the grammar allows (lowest id among equals, as np.argmax).
+
+        The best TOP_CANDIDATES tokens are tried one by one first (a one-token grammar check each);
+        the whole vocabulary goes through the grammar only when none of them is allowed, or when the
+        one found ties with the cut-off (a token outside the shortlist could then tie with it)."""
+        top = np.argpartition(-logits, TOP_CANDIDATES)[:TOP_CANDIDATES]
+        top = top[np.lexsort((top, -logits[top]))]
+        floor = logits[top[-1]]
+        for token in top:
+            if logits[token] == floor:
+                break
+            if self.grammar_allows(grammar, int(token), logits):
+                return int(token)
         view = self._all_view
         view["id"] = np.arange(self.n_vocab, dtype=np.int32)
         view["logit"] = logits
@@ -414,7 +428,13 @@ class BatchedBackend:
             self._finish(slot, reason="stop")
             return
         slot.output.append(token)
-        if len(slot.output) >= slot.request.job.max_tokens:
+        job = slot.request.job
+        if job.choice is not None and job.temperature == 0:
+            rest = settle_choice(self.llama.detokenize(slot.output).decode("utf-8", errors="ignore"), *job.choice)
+            if rest is not None:
+                self._finish(slot, reason="stop", rest=rest)
+                return
+        if len(slot.output) >= job.max_tokens:
             self._finish(slot, reason="length")
 
     def _free(self, slot: _Slot, keep: bool) -> None:
@@ -427,13 +447,14 @@ class BatchedBackend:
             self.lc.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
             self._free_slots[slot.seq] = EMPTY
 
-    def _finish(self, slot: _Slot, reason: str = "stop", error: BaseException | None = None) -> None:
+    def _finish(self, slot: _Slot, reason: str = "stop", error: BaseException | None = None, rest: str = "") -> None:
+        """Hand the answer over; `rest` is text the grammar forces after the decoded tokens (a settled choice)."""
         request = slot.request
         with self._cond:
             self._free(slot, keep=error is None)
         if error is None:
             job = request.job
-            text = self.llama.detokenize(slot.output, prev_tokens=list(job.tokens)).decode("utf-8", errors="ignore")
+            text = self.llama.detokenize(slot.output, prev_tokens=list(job.tokens)).decode("utf-8", errors="ignore") + rest
             request.result = Completion(text=text, n_prompt=len(job.tokens), n_reused=slot.reused,
                                         n_output=len(slot.output), finish_reason=reason)  # type: ignore[arg-type]
         request.error = error

@@ -17,6 +17,7 @@ import functools
 import itertools
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -44,6 +45,9 @@ class Generation:
     grammar: str | None = None  # GBNF text
     top_p: float = 1.0
     top_k: int = 0
+    # The answer's last field when it is a choice from a fixed set: (field name, choices). A backend may
+    # stop decoding once one choice alone fits, the rest being forced by the grammar (see settle_choice).
+    choice: tuple[str, tuple[str, ...]] | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,37 @@ def load_llama(info: ModelInfo, cfg: ModelConfig, **extra):
                                    n_threads=cfg.n_threads or os.cpu_count(), seed=cfg.seed, verbose=False, **extra)
     except (ValueError, RuntimeError) as exc:
         raise ModelError(f"llama.cpp cannot load {info.path}: {exc}") from exc
+
+
+_PLAIN = re.compile(r'[^"\\\x00-\x1f\x7f-\uffff]*')  # a choice JSON writes as is (no escapes)
+
+
+def final_choice(schema: dict) -> tuple[str, tuple[str, ...]] | None:
+    """(field, choices) when the schema's last property is a required string enum of plain choices: the
+    field JSON decoding writes last, whose value the grammar forces once its start fits one choice."""
+    props = schema.get("properties") or {}
+    if schema.get("type", "object") != "object" or not props:
+        return None
+    field, spec = list(props.items())[-1]
+    choices = spec.get("enum")
+    if (field not in schema.get("required", ()) or not choices or not _PLAIN.fullmatch(field)
+            or not all(isinstance(c, str) and _PLAIN.fullmatch(c) for c in choices)):
+        return None
+    return field, tuple(choices)
+
+
+def settle_choice(text: str, field: str, choices: tuple[str, ...]) -> str | None:
+    """What completes `text`, a JSON answer decoded under the grammar, once it is inside the last field's
+    value and only one choice starts with what was decoded of it: the rest of that choice and the
+    closing brace (the grammar allows nothing else but whitespace). None while two choices still fit.
+
+    Decoding the rest token by token would give the same value: at temperature 0 this is exact."""
+    match = re.search(rf'(?<!\\)"{re.escape(field)}"\s*:\s*"([^"\\]*)$', text)
+    if match is None:
+        return None
+    partial = match.group(1)
+    fits = [c for c in choices if c.startswith(partial)]
+    return fits[0][len(partial):] + '"}' if len(fits) == 1 else None
 
 
 @functools.lru_cache(maxsize=64)
@@ -206,15 +241,17 @@ class LlamaEngine:
         cost.check_budgets()
         conf = request.config
         temperature = self.cfg.temperature if conf.temperature is None else conf.temperature
-        grammar = None
+        grammar, choice = None, None
         if conf.response_format and conf.response_format.get("schema"):
             grammar = schema_grammar(json.dumps(conf.response_format["schema"], sort_keys=True))
+            choice = final_choice(conf.response_format["schema"])
         elif conf.response_format and conf.response_format.get("type") == "json_object":
             grammar = schema_grammar(json.dumps({"type": "object"}))
         tokens, max_tokens = self._fit(self.tokenize_chat(request), conf.max_tokens or self.cfg.max_tokens)
         job = Generation(tokens=tuple(tokens), max_tokens=max_tokens, temperature=temperature,
                          seed=self._seed(request, temperature), grammar=grammar,
-                         top_p=conf.top_p if conf.top_p is not None else 1.0, top_k=conf.top_k or 0)
+                         top_p=conf.top_p if conf.top_p is not None else 1.0, top_k=conf.top_k or 0,
+                         choice=choice)
         start = time.perf_counter()
         done = self.backend.generate(job)
         call = cost.Usage(input_computed=done.n_prompt - done.n_reused, input_reused=done.n_reused,

@@ -22,8 +22,16 @@ def test_per_example_input_comes_last_and_requirements_move_to_the_system_messag
     assert first[:-1] == second[:-1]  # everything but the last message is shared
     assert first[-1] == {"role": "user", "content": "[[ ## sentence ## ]]\nA red car."}
     system = first[0]["content"]
-    assert "Respond with a JSON object" in system and "Literal['red', 'green', 'blue']" in system
+    assert "Respond with a JSON object" in system
     assert system.index("Respond with a JSON object") < system.index("your objective is")
+
+
+def test_choices_are_listed_once():
+    system = CacheFriendlyAdapter().format(Pick, [], {"sentence": "A red car."})[0]["content"]
+    stock = dspy.JSONAdapter().format(Pick, [], {"sentence": "A red car."})
+    stock_text = "".join(m["content"] for m in stock)
+    assert stock_text.count("green") == 3 and system.count("green") == 1
+    assert "one of: red; green; blue" in system
 
 
 def test_demos_come_before_the_input():

@@ -1,6 +1,7 @@
 """The batched backend on the real embedded model: same answers as the sequential reference, exact
 prefix reuse, one worker serving many threads, a grammar per sequence, bounded KV memory."""
 
+import ctypes
 import json
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,15 +14,15 @@ from optimize import cost
 from optimize.adapter import CacheFriendlyAdapter
 from optimize.batching import BatchedBackend
 from optimize.config import ModelConfig
-from optimize.engine import Generation, LlamaEngine, SequentialBackend, load_llama, schema_grammar
+from optimize.engine import Generation, LlamaEngine, SequentialBackend, final_choice, load_llama, schema_grammar
 from optimize.errors import ModelError
 
 pytestmark = pytest.mark.model
 
 SYSTEM = "You are a careful assistant. Answer briefly and exactly as asked, with no extra words."
 NUMBER = schema_grammar(json.dumps({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}))
-COLOUR = schema_grammar(json.dumps({"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]}},
-                                    "required": ["colour"]}))
+COLOUR_SCHEMA = {"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]}}, "required": ["colour"]}
+COLOUR = schema_grammar(json.dumps(COLOUR_SCHEMA))
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +69,9 @@ def test_fixed_prompts_get_exactly_the_sequential_answers(llama, sequential, bat
 
 
 def test_32_threads_get_the_sequential_answers_to_their_own_prompts(llama, sequential, batched):
-    # More threads than slots: requests queue and join between steps; each must get its own answer,
-    # bit-for-bit the sequential one (one KV stream per sequence: nothing else is in its attention).
+    # More threads than slots: requests queue and join between steps; each must get its own answer, the
+    # sequential one (one KV stream per sequence: nothing else is in its attention; these short prompts
+    # attend over the same padded KV length alone or together, so logits are bit-for-bit equal).
     work = jobs(llama, 32)
     expected = [sequential.generate(job) for job in work]
     with ThreadPoolExecutor(32) as pool:
@@ -166,3 +168,37 @@ def test_default_slots_fit_the_kv_budget(llama):
         assert backend.parallel == 8 and backend.kv_bytes <= 10 * 2048 * 23040
     finally:
         backend.close()
+
+
+def test_a_settled_choice_stops_decoding_with_the_same_answer(llama, sequential, batched):
+    questions = ("What colour is the sky on a clear day?", "What colour is fresh grass?", "What colour is blood?",
+                 "Name a colour of the French flag.")
+    plain = [Generation(tokens=chat(llama, q + " Reply in JSON."), max_tokens=16, grammar=COLOUR) for q in questions]
+    settled = [Generation(**{**job.__dict__, "choice": final_choice(COLOUR_SCHEMA)}) for job in plain]
+    expected = [sequential.generate(job) for job in plain]
+    with ThreadPoolExecutor(len(settled)) as pool:
+        got = list(pool.map(batched.generate, settled))
+    assert [json.loads(g.text) for g in got] == [json.loads(e.text) for e in expected]
+    assert all(g.n_output < e.n_output for g, e in zip(got, expected))  # the closing tokens were never decoded
+
+
+def test_grammar_argmax_shortlist_equals_a_full_scan(llama, batched):
+    import llama_cpp as lc
+
+    grammar = lc.llama_sampler_init_grammar(batched.vocab, COLOUR.encode(), b"root")
+    try:
+        def full_scan(logits: np.ndarray) -> int:
+            view = batched._all_view
+            view["id"], view["logit"] = np.arange(batched.n_vocab, dtype=np.int32), logits
+            arr = lc.llama_token_data_array(data=batched._all, size=batched.n_vocab, selected=-1, sorted=False)
+            lc.llama_sampler_apply(grammar, ctypes.byref(arr))
+            return int(view["id"][int(np.argmax(view["logit"][: arr.size]))])
+
+        rng = np.random.default_rng(0)
+        for rank in (2, 5, 40, 200):
+            logits = rng.normal(size=batched.n_vocab).astype(np.float32)
+            allowed = full_scan(logits)
+            logits[allowed] = np.sort(logits)[-rank] + 1e-3  # an allowed token ranked about `rank`
+            assert batched.grammar_argmax(grammar, logits) == full_scan(logits) == allowed
+    finally:
+        lc.llama_sampler_free(grammar)
