@@ -7,9 +7,14 @@ decoding sequence plus prompt chunks of sequences still in prefill; new requests
 steps (continuous batching).
 
 Exactness: the KV cache is NOT unified (`kv_unified=False`): every sequence id is its own KV stream
-of `cells_per_seq` cells, so a sequence attends over its own cells only and its logits are bit-for-bit
-those of the same tokens computed alone (in a unified cache the mere presence of other sequences'
-cells moved logits by up to 0.4 and flipped near-ties at temperature 0).
+of `cells_per_seq` cells, so a sequence attends over its own cells only (in a unified cache, other
+sequences' cells sit between its own and change the order of the attention sums). What remains: with
+flash attention off, llama.cpp's CPU attention for a ubatch runs over the KV length of its longest
+stream (padded), and that length changes the last bits of the sums (measured here: same-length
+streams decoded together give bit-for-bit their solo logits; a longer neighbour moves them by up to
+~0.8 on this model, and a chunked prompt differs from a token-by-token one the same way). So at
+temperature 0 most answers equal the sequential engine's and a near-tie can flip; `chainopt bench`
+reports the rate of identical answers.
 
 Prefix sharing: a stream keeps its tokens after its request ends, and a few extra streams hold
 cached prompts (an LRU of "prefixes"). A new request starts from the stream that shares the longest

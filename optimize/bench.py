@@ -96,13 +96,13 @@ class Row:
 
 @dataclass(frozen=True)
 class Rates:
-    """Raw llama.cpp throughput on this machine, measured with the low-level API."""
+    """Raw llama.cpp throughput on this machine, measured with the low-level API (see measure_rates)."""
 
     prompt_tps: float
     decode_tps: float
-    prompt_tokens: int
+    context: int  # tokens already in the KV cache: the workload's prompt length
+    suffix: int  # prompt tokens each sequence adds
     parallel: int
-    prefix: int
     steps: int
 
 
@@ -342,13 +342,35 @@ def run_path(path: str, workload: str, n: int, *, parallel: int = 16, model: str
                answers=[None if r.predicted is None else str(r.predicted) for r in records])
 
 
-def measure_rates(model: str = "smollm2-135m", *, parallel: int = 16, prompt_tokens: int = 1024,
-                  prefix: int = 512, steps: int = 32) -> Rates:
-    """Raw llama.cpp rates with the engine's thread count, no sampling, no Python between tokens.
+def workload_context(workload: str, llm) -> int:
+    """Prompt tokens of the workload's first call (chainopt's adapter, the model's chat template): the
+    context that the tokens a chainopt row computes attend over."""
+    from optimize.adapter import CacheFriendlyAdapter
+    from optimize.config import DataConfig
+    from optimize.data import load_splits
+    from optimize.engine import chat_formatter
+    from programs import get_program
 
-    Prompt: one `prompt_tokens` prompt in n_batch chunks (best of two). Decode: `parallel` sequences
-    that share a `prefix`-token prompt (as DSPy calls of one predictor do) advance one token each per
-    llama_decode, for `steps` steps: the best case of a batched engine with prefix sharing.
+    spec = WORKLOADS[workload]
+    splits = load_splits(DataConfig(dataset=spec.dataset, train=0, test=1, seed=0))
+    signature = get_program(spec.program).build(splits.task).predictors()[0].signature
+    example = splits.test[0]
+    inputs = {name: example.get(name, "") for name in signature.input_fields}
+    messages = CacheFriendlyAdapter().format(signature, demos=[], inputs=inputs)
+    prompt = chat_formatter(llm)(messages=messages).prompt
+    return len(llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True))
+
+
+def measure_rates(model: str = "smollm2-135m", *, workload: str = "banking77", parallel: int = 16,
+                  suffix: int = 32, steps: int = 32) -> Rates:
+    """Raw llama.cpp rates in the workload's own regime, with the engine's thread count, no sampling, no
+    Python between tokens, in llama.cpp's fastest layout for it (one unified KV cache, the context's
+    cells shared by every sequence without a copy).
+
+    `parallel` sequences share a context as long as the workload's prompt (`workload_context`). Prompt:
+    each adds `suffix` tokens, all in one llama_decode (best of two). Decode: each then advances one
+    token per llama_decode for `steps` steps. Attention over the context is part of every token's cost,
+    so rates measured on a short context would make a floor no engine can reach on long prompts.
     """
     import llama_cpp
 
@@ -356,15 +378,19 @@ def measure_rates(model: str = "smollm2-135m", *, parallel: int = 16, prompt_tok
 
     threads = os.cpu_count() or 1
     llm = llama_cpp.Llama(model_path=describe(model).path, n_ctx=256, n_threads=threads, verbose=False)
+    context = workload_context(workload, llm)
     params = llama_cpp.llama_context_default_params()
-    params.n_ctx, params.n_batch, params.n_ubatch = N_CTX, 512, 512
+    params.n_ctx = context + parallel * (suffix + steps) + 256
+    params.n_batch = params.n_ubatch = max(512, parallel * suffix)
     params.n_seq_max, params.kv_unified = parallel, True
     params.n_threads = params.n_threads_batch = threads
+    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as the engine runs
     ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
     memory = llama_cpp.llama_get_memory(ctx)
-    batch = llama_cpp.llama_batch_init(512, 0, parallel)
-    text = " ".join(f"Query {i}: how do I top up my card with a transfer from abroad?" for i in range(200))
-    tokens = llm.tokenize(text.encode())[:prompt_tokens]
+    batch = llama_cpp.llama_batch_init(params.n_batch, 0, parallel)
+    text = " ".join(f"Query {i}: how do I top up my card with a transfer from abroad?" for i in range(800))
+    tokens = llm.tokenize(text.encode())
+    assert len(tokens) > context + suffix + steps
 
     def decode(items: list[tuple[int, int, int, bool]]) -> None:
         batch.n_tokens = len(items)
@@ -374,31 +400,29 @@ def measure_rates(model: str = "smollm2-135m", *, parallel: int = 16, prompt_tok
         if llama_cpp.llama_decode(ctx, batch) != 0:
             raise RuntimeError("llama_decode failed while measuring rates")
 
-    def prefill(toks: list[int]) -> None:
-        for s in range(0, len(toks), 512):
-            decode([(t, s + i, 0, s + i == len(toks) - 1) for i, t in enumerate(toks[s:s + 512])])
-
     try:
-        best = float("inf")
-        for _ in range(2):
-            llama_cpp.llama_memory_clear(memory, True)
-            start = time.perf_counter()
-            prefill(tokens)
-            best = min(best, time.perf_counter() - start)
-        llama_cpp.llama_memory_clear(memory, True)
-        prefill(tokens[:prefix])
+        for start in range(0, context, 512):
+            decode([(tokens[k], k, 0, False) for k in range(start, min(start + 512, context))])
         for seq in range(1, parallel):
             llama_cpp.llama_memory_seq_cp(memory, 0, seq, -1, -1)
+        prompt_s = float("inf")
+        for _ in range(2):
+            for seq in range(parallel):
+                llama_cpp.llama_memory_seq_rm(memory, seq, context, -1)
+            start = time.perf_counter()
+            decode([(tokens[context + (seq + k) % suffix], context + k, seq, k == suffix - 1)
+                    for seq in range(parallel) for k in range(suffix)])
+            prompt_s = min(prompt_s, time.perf_counter() - start)
         start = time.perf_counter()
         for k in range(steps):
-            decode([(tokens[(k * parallel + s) % len(tokens)], prefix + k, s, True) for s in range(parallel)])
+            decode([(tokens[(k * parallel + s) % len(tokens)], context + suffix + k, s, True) for s in range(parallel)])
         decode_s = time.perf_counter() - start
     finally:
         llama_cpp.llama_batch_free(batch)
         llama_cpp.llama_free(ctx)
         llm.close()
-    return Rates(prompt_tps=len(tokens) / best, decode_tps=parallel * steps / decode_s,
-                 prompt_tokens=len(tokens), parallel=parallel, prefix=prefix, steps=steps)
+    return Rates(prompt_tps=parallel * suffix / prompt_s, decode_tps=parallel * steps / decode_s,
+                 context=context, suffix=suffix, parallel=parallel, steps=steps)
 
 
 # ---------------------------------------------------------------- the parent: one subprocess per row
@@ -522,9 +546,10 @@ def _floor_lines(result: BenchResult) -> list[str]:
     rates = result.rates
     if rates is None:
         return ["compute floor: rates could not be measured"]
-    lines = [f"raw llama.cpp (best of the start and the end of the run): prompt {rates.prompt_tps:.0f} tok/s ({rates.prompt_tokens}-token prompt), "
-             f"batched decode {rates.decode_tps:.0f} tok/s ({rates.parallel} sequences sharing a "
-             f"{rates.prefix}-token prefix, {rates.steps} steps)"]
+    lines = [f"raw llama.cpp (best of the start and the end of the run; {rates.parallel} sequences sharing the "
+             f"workload's {rates.context}-token prompt, one unified KV cache): prompt {rates.prompt_tps:.0f} tok/s "
+             f"({rates.suffix} new tokens each, one llama_decode), batched decode {rates.decode_tps:.0f} tok/s "
+             f"({rates.steps} steps)"]
     target = result.row("batched") or result.row("sequential")
     if target is None or target.input_computed is None:
         return lines + ["compute floor: no chainopt row to compare"]
@@ -560,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     if args.path or args.rates:
         if args.rates:
-            data = asdict(measure_rates(args.model, parallel=args.parallel))
+            data = asdict(measure_rates(args.model, workload=args.workload, parallel=args.parallel))
         else:
             data = asdict(run_path(args.path, args.workload, args.n or WORKLOADS[args.workload].n,
                                    parallel=args.parallel, model=args.model, seed=args.seed))

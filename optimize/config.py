@@ -33,7 +33,7 @@ class ModelConfig(Section):
     max_tokens: int = Field(256, ge=1)
     seed: int = 0
     cache: bool = Field(True, description="DSPy's response cache, keyed on the model file's sha256")
-    engine: Literal["batched", "sequential"] = "sequential"
+    engine: Literal["batched", "sequential"] = Field("batched", description="batched: many sequences decoded together (optimize.batching); sequential: one call at a time")
     parallel: int = Field(16, ge=1, le=64, description="sequences decoded together by the batched engine")
     overflow: Literal["fail", "truncate"] = Field("fail", description="what to do with a prompt longer than n_ctx")
 

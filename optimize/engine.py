@@ -127,6 +127,15 @@ def settle_choice(text: str, field: str, choices: tuple[str, ...]) -> str | None
     return fits[0][len(partial):] + '"}' if len(fits) == 1 else None
 
 
+def chat_formatter(llama):
+    """The model's own chat template (ChatML when the GGUF carries none), as llama.cpp renders it."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    template = llama.metadata.get("tokenizer.chat_template") or CHATML
+    token = lambda i: llama.detokenize([i], special=True).decode("utf-8", "replace") if i >= 0 else ""
+    return Jinja2ChatFormatter(template, eos_token=token(llama.token_eos()), bos_token=token(llama.token_bos()))
+
+
 @functools.lru_cache(maxsize=64)
 def schema_grammar(schema_json: str) -> str:
     """GBNF for a JSON schema; cached because DSPy sends the same schema for every call of a predictor."""
@@ -179,15 +188,10 @@ class LlamaEngine:
     supported_params = frozenset({"response_format", "temperature", "max_tokens", "seed", "top_p", "top_k"})
 
     def __init__(self, info: ModelInfo, cfg: ModelConfig, backend: Backend | None = None):
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
         self.info, self.cfg = info, cfg
         self.llama = load_llama(info, cfg) if backend is None else getattr(backend, "llama")
         self.backend = backend or self._default_backend()
-        template = self.llama.metadata.get("tokenizer.chat_template") or CHATML
-        token = lambda i: self.llama.detokenize([i], special=True).decode("utf-8", "replace") if i >= 0 else ""
-        self.formatter = Jinja2ChatFormatter(template, eos_token=token(self.llama.token_eos()),
-                                             bos_token=token(self.llama.token_bos()))
+        self.formatter = chat_formatter(self.llama)
         self._sample_seeds = itertools.count(cfg.seed + 1)
         self._seed_lock = threading.Lock()
         self.totals = cost.Usage()
@@ -243,7 +247,8 @@ class LlamaEngine:
         temperature = self.cfg.temperature if conf.temperature is None else conf.temperature
         grammar, choice = None, None
         if conf.response_format and conf.response_format.get("schema"):
-            grammar = schema_grammar(json.dumps(conf.response_format["schema"], sort_keys=True))
+            # Key order matters: the grammar writes properties in the schema's order (reasoning before the answer).
+            grammar = schema_grammar(json.dumps(conf.response_format["schema"]))
             choice = final_choice(conf.response_format["schema"])
         elif conf.response_format and conf.response_format.get("type") == "json_object":
             grammar = schema_grammar(json.dumps({"type": "object"}))

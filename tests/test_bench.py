@@ -29,7 +29,7 @@ def test_floor_seconds(computed: int, output: int, prompt_tps: float, decode_tps
     ([(440.0, 100.0), (300.0, 260.0)], (440.0, 260.0)),  # each rate at its best
 ])
 def test_best_rates(measured: list[tuple[float, float]], expected: tuple[float, float] | None) -> None:
-    best = best_rates([Rates(p, d, 1024, 16, 512, 32) for p, d in measured])
+    best = best_rates([Rates(p, d, 750, 32, 16, 32) for p, d in measured])
     assert (best and (best.prompt_tps, best.decode_tps)) == expected
 
 
@@ -66,7 +66,7 @@ def test_table_of_synthetic_result() -> None:
             Row("batched", n=4, seconds=4.0, input_tokens=8000, input_computed=2000, output_tokens=40, calls=4,
                 answers=["a", "b", "c", "x"])]
     result = BenchResult("banking77", "2026-01-01", "cpu", "smollm2-135m", n=4, stock_n=2, parallel=16,
-                         rates=Rates(500.0, 200.0, 1024, 16, 512, 32), rows=rows)
+                         rates=Rates(500.0, 200.0, 750, 32, 16, 32), rows=rows)
     table = format_table(result)
     assert "<=2000.0" in table  # the server cannot split its input: all of it, marked as an upper bound
     assert "50.0x" in table and "5.0x" in table  # (d) vs (a): 50 s/ex / 1 s/ex; vs (b): 5 / 1

@@ -31,9 +31,9 @@ def test_program_on_three_real_examples(spec, lm):
         assert record.error is None, record.error
         assert record.steps >= 1 and record.usage.calls >= 1
         assert record.usage.tokens > 0 and sum(u.calls for u in record.by_step.values()) == record.usage.calls
-        if spec.name != "math.chain":  # a one-call answer decodes under its schema's grammar: it always parses
+        if spec.name.endswith(".predict"):  # a bare answer decodes under its schema's grammar: it always parses
             assert not record.parse_failure
-        # math.chain's plan can run past max_tokens before its JSON closes: recorded as a parse failure,
-        # which then feeds a retry (checked in tests/test_programs.py), never an error.
+        # Free-text reasoning (cot, and chain's plan) can run past max_tokens before its JSON closes: recorded
+        # as a parse failure, which then feeds a retry (checked in tests/test_programs.py), never an error.
         if spec.kind == "intent" and record.predicted is not None:
             assert record.predicted in splits.task.labels
