@@ -14,7 +14,9 @@ user would; chainopt rows use `parallel` threads. DSPy's cache is off, temperatu
 
 The compute floor is what raw llama.cpp needs for the tokens the chainopt row had to compute:
 its computed input at the measured prompt-processing rate plus its output at the measured
-batched decode rate (`floor_seconds`). chainopt's ratio to it says how much is left to win.
+batched decode rate (`floor_seconds`), both measured in the workload's own context (its prompt
+length) in llama.cpp's fastest layout for it (`measure_rates`). chainopt's ratio to it says how
+much is left to win.
 
 Run: python -m optimize.bench --workload banking77 --n 200 --stock-limit 20
 """
