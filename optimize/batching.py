@@ -10,9 +10,10 @@ Exactness: the KV cache is NOT unified (`kv_unified=False`): every sequence id i
 of `cells_per_seq` cells, so a sequence attends over its own cells only (in a unified cache, other
 sequences' cells sit between its own and change the order of the attention sums). What remains: with
 flash attention off, llama.cpp's CPU attention for a ubatch runs over the KV length of its longest
-stream (padded), and that length changes the last bits of the sums (measured here: same-length
-streams decoded together give bit-for-bit their solo logits; a longer neighbour moves them by up to
-~0.8 on this model, and a chunked prompt differs from a token-by-token one the same way). So at
+stream (padded), and, as we read our measurements, that length changes the last bits of the sums
+(measured: same-length streams decoded together give bit-for-bit their solo logits; a longer
+neighbour moves them by up to ~0.8 on this model, and a chunked prompt differs from a token-by-token
+one the same way). So at
 temperature 0 most answers equal the sequential engine's and a near-tie can flip; `chainopt bench`
 reports the rate of identical answers.
 
