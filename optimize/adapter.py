@@ -16,8 +16,8 @@ grammar) and the assistant format are JSONAdapter's, unchanged.
 
 A choice field (`Literal[...]`) lists its choices once, in the output structure ("must exactly match
 one of: a; b; ..."), where JSONAdapter lists them three times (also as `Literal[...]` in the field
-list and in the output requirements). For Banking77's 77 labels that is ~1,100 of ~2,000 prompt
-tokens: every later token attends over them, so listing them once makes each call cheaper, and the
+list and in the output requirements). For Banking77's 77 labels the system prompt drops from 1,980
+to 714 tokens: every later token attends over them, so listing them once makes each call cheaper, and the
 decoding grammar still admits only the choices.
 """
 

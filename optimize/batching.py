@@ -12,10 +12,9 @@ sequences' cells sit between its own and change the order of the attention sums)
 flash attention off, llama.cpp's CPU attention for a ubatch runs over the KV length of its longest
 stream (padded), and, as we read our measurements, that length changes the last bits of the sums
 (measured: same-length streams decoded together give bit-for-bit their solo logits; a longer
-neighbour moves them by up to ~0.8 on this model, and a chunked prompt differs from a token-by-token
-one the same way). So at
-temperature 0 most answers equal the sequential engine's and a near-tie can flip; `chainopt bench`
-reports the rate of identical answers.
+neighbour moves them by up to ~0.9 on this model, and a chunked prompt differs from a token-by-token
+one the same way). So at temperature 0 most answers equal the sequential engine's and a near-tie can
+flip; `chainopt bench` reports the rate of identical answers.
 
 Prefix sharing: a stream keeps its tokens after its request ends, and a few extra streams hold
 cached prompts (an LRU of "prefixes"). A new request starts from the stream that shares the longest
@@ -372,8 +371,7 @@ class BatchedBackend:
                 return
             self._free_prefix_seqs.append(self._prefixes.popitem(last=False)[0])
         seq = self._free_prefix_seqs.pop()
-        self.lc.llama_memory_seq_rm(self.mem, seq, -1, -1)
-        self._copy(slot.seq, seq, len(tokens))
+        self._copy(slot.seq, seq, len(tokens))  # a whole-stream copy replaces what the stream held
         self._prefixes[seq] = _Prefix(seq=seq, tokens=tokens)
 
     def _step(self) -> None:

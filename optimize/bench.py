@@ -390,9 +390,9 @@ def measure_rates(model: str = "smollm2-135m", *, workload: str = "banking77", p
     ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
     memory = llama_cpp.llama_get_memory(ctx)
     batch = llama_cpp.llama_batch_init(params.n_batch, 0, parallel)
-    text = " ".join(f"Query {i}: how do I top up my card with a transfer from abroad?" for i in range(800))
+    text = " ".join(f"Query {i}: how do I top up my card with a transfer from abroad?" for i in range(200))
     tokens = llm.tokenize(text.encode())
-    assert len(tokens) > context + suffix + steps
+    tokens *= (context + suffix + steps) // len(tokens) + 1  # as long as the context needs
 
     def decode(items: list[tuple[int, int, int, bool]]) -> None:
         batch.n_tokens = len(items)
