@@ -1,20 +1,24 @@
 """A batched, prefix-sharing llama.cpp backend: many sequences decoded together in one context.
 
-Why: on a small CPU model, prefill dominates (a DSPy prompt is ~2,000 tokens, an answer ~15), and
-one sequence at a time leaves the matmuls starved. Here one worker thread owns a llama.cpp context
-with `parallel` decoding slots. Each step it packs into one `llama_batch` a next token for every
-decoding sequence plus prompt chunks of sequences still in prefill; new requests join between
-steps (continuous batching).
+Why: on a small CPU model, prefill dominates (a DSPy prompt is hundreds to thousands of tokens, an
+answer ~15), and one sequence at a time leaves the matmuls starved. Here one worker thread owns a
+llama.cpp context with `parallel` decoding slots. Each step it decodes a next token for every decoding
+sequence, together (one llama_decode per KV class, below), and computes prompt chunks of sequences
+still in prefill; new requests join between steps (continuous batching).
 
 Exactness: the KV cache is NOT unified (`kv_unified=False`): every sequence id is its own KV stream
 of `cells_per_seq` cells, so a sequence attends over its own cells only (in a unified cache, other
-sequences' cells sit between its own and change the order of the attention sums). What remains: with
-flash attention off, llama.cpp's CPU attention for a ubatch runs over the KV length of its longest
-stream (padded), and, as we read our measurements, that length changes the last bits of the sums
-(measured: same-length streams decoded together give bit-for-bit their solo logits; a longer
-neighbour moves them by up to ~0.9 on this model, and a chunked prompt differs from a token-by-token
-one the same way). So at temperature 0 most answers equal the sequential engine's and a near-tie can
-flip; `chainopt bench` reports the rate of identical answers.
+sequences' cells sit between its own and change the order of the attention sums). With flash
+attention off (as both engines run), llama.cpp's CPU attention for a ubatch runs over the KV length of
+its longest stream padded to 256 cells (`KV_PAD`), and that length changes the last bits of the sums:
+a short sequence decoded beside a long one got logits up to ~0.9 away from its solo ones, enough to
+flip near-ties. So each step decodes the sequences of one padded length ("KV class") per llama_decode,
+over exactly the length the sequential engine uses for the same token, and prompt chunks go in their
+own llama_decode (a chunk packed with other sequences' tokens is split into differently shaped
+ubatches). Measured: sequences of equal class decoded together give bit-for-bit their solo logits;
+replayed through both engines, the batched answers equal the sequential ones on 200/200 Banking77
+prompts and 89/89 GSM8K chain calls (`chainopt bench` reports the rate on every run). Tokens of a draft verified in one multi-token
+ubatch do not (a multi-token row differs from a one-token decode), so there is no speculative decoding.
 
 Prefix sharing: a stream keeps its tokens after its request ends, and a few extra streams hold
 cached prompts (an LRU of "prefixes"). A new request starts from the stream that shares the longest
@@ -53,6 +57,7 @@ WAIT_FOR_SHARED = 64  # wait for a prompt in flight when it will share this many
 KV_BUDGET = 1_200_000_000  # bytes of KV cache the default slot count must fit in
 EMPTY = np.zeros(0, dtype=np.int32)
 TOP_CANDIDATES = 64  # best tokens checked one by one before a whole-vocabulary grammar scan
+KV_PAD = 256  # llama.cpp pads the KV length a ubatch attends over to a multiple of this (llama_kv_cache::get_n_kv)
 
 
 def _lcp(a: np.ndarray, b: np.ndarray) -> int:
@@ -374,31 +379,41 @@ class BatchedBackend:
         self._copy(slot.seq, seq, len(tokens))  # a whole-stream copy replaces what the stream held
         self._prefixes[seq] = _Prefix(seq=seq, tokens=tokens)
 
+    def _kv_class(self, n_cells: int) -> int:
+        """The KV length llama.cpp attends over for a ubatch whose longest stream uses `n_cells` cells."""
+        return min(self.cells_per_seq, max(KV_PAD, -(-n_cells // KV_PAD) * KV_PAD))
+
     def _step(self) -> None:
-        """One llama_decode over every active sequence: a token each for decoders, prompt chunks for the rest.
-        Tokens go in by sequence id: llama.cpp splits a batch over several streams into ubatches of
-        consecutive ids."""
-        n = 0
-        work: dict[int, tuple[_Slot, int]] = {}  # seq -> (slot, tokens it puts in this batch)
+        """One round: a llama_decode per KV-length class of decoding sequences (a token each), then one per
+        prompt chunk. A token is thus computed over the same padded KV length as in the sequential engine,
+        which keeps the logits bit-for-bit equal (see the module docstring)."""
+        by_class: dict[int, list[tuple[_Slot, int]]] = {}
         for slot in self._slots.values():
             if not slot.in_prefill:
-                work[slot.seq] = (slot, 1)
-        room = self.n_batch - len(work)
+                by_class.setdefault(self._kv_class(slot.n_past + 1), []).append((slot, 1))
+        rounds = list(by_class.values())
+        room = self.n_batch
         for slot in sorted((s for s in self._slots.values() if s.in_prefill), key=lambda s: s.order):
-            take = min(room, len(slot.prompt) - slot.n_past)
-            if take <= 0:
+            if room <= 0:
                 break
-            work[slot.seq] = (slot, take)
+            take = min(room, len(slot.prompt) - slot.n_past)
+            rounds.append([(slot, take)])
             room -= take
-        for seq in sorted(work):
-            slot, take = work[seq]
+        for work in rounds:
+            self._decode(work)
+
+    def _decode(self, work: list[tuple[_Slot, int]]) -> None:
+        """Compute `work` in one llama_decode, then sample every sequence that has logits. Tokens go in by
+        sequence id: llama.cpp splits a batch over several streams into ubatches of consecutive ids."""
+        n = 0
+        for slot, take in sorted(work, key=lambda w: w[0].seq):
             if not slot.in_prefill:
-                self._put(n, slot.output[-1], slot.n_past, seq, True)
+                self._put(n, slot.output[-1], slot.n_past, slot.seq, True)
                 slot.logits_row, n = n, n + 1
                 continue
             for pos in range(slot.n_past, slot.n_past + take):
                 last = pos == len(slot.prompt) - 1
-                self._put(n, int(slot.prompt[pos]), pos, seq, last)
+                self._put(n, int(slot.prompt[pos]), pos, slot.seq, last)
                 if last:
                     slot.logits_row = n
                 n += 1
@@ -406,10 +421,10 @@ class BatchedBackend:
         status = self.lc.llama_decode(self.ctx, self.batch)
         if status != 0:
             error = ModelError(f"llama_decode failed with status {status}")
-            for slot, _ in work.values():
+            for slot, _ in work:
                 self._finish(slot, error=error)
             return
-        for slot, taken in work.values():
+        for slot, taken in work:
             slot.n_past += taken
             if slot.in_prefill:
                 continue

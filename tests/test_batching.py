@@ -81,6 +81,23 @@ def test_32_threads_get_the_sequential_answers_to_their_own_prompts(llama, seque
     assert batched.copies > 0 and max(g.n_reused for g in got) > 0  # prefixes were shared
 
 
+def test_prompts_of_different_kv_lengths_decoded_together_get_the_sequential_answers(llama, sequential, batched):
+    # Short prompts (llama.cpp attends over 256 padded cells) and long ones (512) decoding at the same time:
+    # in one ubatch the short ones would attend over 512 cells, which moves their logits (3 of these 24
+    # free-text answers differed so); the backend decodes each KV-length class in its own llama_decode.
+    long_system = SYSTEM + " " + " ".join(f"Rule {i}: keep every answer short, plain and kind." for i in range(1, 25))
+    work = []
+    for topic in ("the sea", "a city at night", "winter", "a train", "bread", "a library", "the moon", "a garden",
+                  "rain", "a market", "mountains", "a river"):
+        for system in (SYSTEM, long_system):
+            work.append(Generation(tokens=chat(llama, f"Write one sentence about {topic}.", system), max_tokens=24))
+    assert {batched._kv_class(len(job.tokens) + 24) for job in work} == {256, 512}
+    expected = [sequential.generate(job) for job in work]
+    with ThreadPoolExecutor(len(work)) as pool:
+        got = list(pool.map(batched.generate, work))
+    assert [(g.text, g.n_output) for g in got] == [(e.text, e.n_output) for e in expected]
+
+
 def test_second_request_reuses_exactly_the_shared_prefix(llama):
     backend = BatchedBackend(llama, parallel=4, cells_per_seq=512)
     try:
