@@ -71,6 +71,8 @@ def test_table_of_synthetic_result() -> None:
     assert "<=2000.0" in table  # the server cannot split its input: all of it, marked as an upper bound
     assert "50.0x" in table and "5.0x" in table  # (d) vs (a): 50 s/ex / 1 s/ex; vs (b): 5 / 1
     assert "= 4.2 s" in table and "0.95x the floor" in table  # 2000/500 + 40/200 = 4.2 s; 4.0 / 4.2
+    assert "(d) would be 4.8x (b)" in table  # (b) 5 s/ex against the floor's 4.2 s / 4 examples
+    assert "n_ctx=2048" in table and "n_ctx=4096" in table
     assert "identical answers: 3/4 (75.0%)" in table
     assert "first 2 of the 4 examples" in table
     assert "+ server 400" in table
