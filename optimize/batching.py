@@ -15,7 +15,8 @@ a short sequence decoded beside a long one got logits up to ~0.9 away from its s
 flip near-ties. So each step decodes the sequences of one padded length ("KV class") per llama_decode,
 over exactly the length the sequential engine uses for the same token, and prompt chunks go in their
 own llama_decode (a chunk packed with other sequences' tokens is split into differently shaped
-ubatches). Measured: sequences of equal class decoded together give bit-for-bit their solo logits;
+ubatches). llama.cpp puts only consecutive stream ids in one ubatch, so a new sequence takes a free
+slot beside decoding sequences of its class (`_destination`). Measured: sequences of equal class decoded together give bit-for-bit their solo logits;
 replayed through both engines, the batched answers equal the sequential ones on 200/200 Banking77
 prompts and 89/89 GSM8K chain calls (`chainopt bench` reports the rate on every run). Tokens of a draft verified in one multi-token
 ubatch do not (a multi-token row differs from a one-token decode), so there is no speculative decoding.
@@ -339,12 +340,12 @@ class BatchedBackend:
     def _start(self, request: _Request, source: int | None, reuse: int) -> None:
         sampler = _Sampler(self, request.job)
         lc, mem = self.lc, self.mem
-        if source in self._free_slots and reuse > 0:
-            seq = source  # in place: keep what the stream holds up to the match
+        seq = self._destination(request.tokens, reuse)
+        if reuse > 0 and _lcp(self._free_slots[seq], request.tokens) >= reuse:
+            source = seq  # in place: keep what the stream holds up to the match
             del self._free_slots[seq]
             lc.llama_memory_seq_rm(mem, seq, reuse, -1)
         else:
-            seq = min(self._free_slots)  # the lowest free id keeps running ids consecutive (fewer ubatches)
             del self._free_slots[seq]
             lc.llama_memory_seq_rm(mem, seq, -1, -1)
             if source is not None and reuse > 0:
@@ -356,6 +357,19 @@ class BatchedBackend:
         self._admitted += 1
         self._slots[seq] = _Slot(seq=seq, request=request, reused=reuse, sampler=sampler,
                                  n_past=reuse, order=self._admitted)
+
+    def _destination(self, tokens: np.ndarray, reuse: int) -> int:
+        """The free slot for a new sequence: beside decoding sequences of the KV class it will decode in, since
+        llama.cpp puts only consecutive stream ids in one ubatch and we decode each class on its own; among
+        equals, one that already holds the `reuse` shared tokens (no copy), then the lowest id."""
+        kv_class = self._kv_class(len(tokens) + 1)
+
+        def rank(seq: int) -> tuple[int, bool, int]:
+            beside = sum(1 for other in (seq - 1, seq + 1) if (slot := self._slots.get(other)) is not None
+                         and not slot.in_prefill and self._kv_class(slot.n_past + 1) == kv_class)
+            return beside, _lcp(self._free_slots[seq], tokens) >= reuse, -seq
+
+        return max(self._free_slots, key=rank)
 
     def _copy(self, src: int, dst: int, n: int) -> None:
         """Make stream `dst` hold the first `n` tokens of stream `src`: llama.cpp copies only whole

@@ -98,6 +98,27 @@ def test_prompts_of_different_kv_lengths_decoded_together_get_the_sequential_ans
     assert [(g.text, g.n_output) for g in got] == [(e.text, e.n_output) for e in expected]
 
 
+def test_a_new_sequence_goes_beside_decoding_sequences_of_its_kv_class(llama):
+    # Each KV class is decoded in its own llama_decode and llama.cpp puts only consecutive stream ids in one
+    # ubatch, so a sequence placed beside others of its class joins their ubatch instead of making its own.
+    from types import SimpleNamespace
+
+    backend = BatchedBackend(llama, parallel=6, cells_per_seq=1024, max_prefixes=0)
+    try:
+        with backend._cond:  # the worker is idle: no request was sent
+            backend._slots = {1: SimpleNamespace(in_prefill=False, n_past=300),  # decodes over 512 cells
+                              4: SimpleNamespace(in_prefill=False, n_past=100)}  # over 256
+            backend._free_slots = {seq: np.zeros(0, np.int32) for seq in (0, 2, 3, 5)}
+            short, long = np.arange(120, dtype=np.int32), np.arange(400, dtype=np.int32)
+            assert backend._destination(short, 0) == 3  # beside 4; 5 too, the lower id wins
+            assert backend._destination(long, 0) == 0  # beside 1; 2 too
+            backend._free_slots[5] = short[:80]  # holds the 80 shared tokens: no copy needed there
+            assert backend._destination(short, 80) == 5
+            backend._slots = {}
+    finally:
+        backend.close()
+
+
 def test_second_request_reuses_exactly_the_shared_prefix(llama):
     backend = BatchedBackend(llama, parallel=4, cells_per_seq=512)
     try:
