@@ -31,7 +31,7 @@ computing the same tokens twice.
 
 Memory is fixed at start: (parallel + max_prefixes) streams x cells_per_seq cells. `cells_per_seq`
 defaults to the Llama's n_ctx (the engine's context window, so its overflow policy applies as is),
-and the number of slots is cut to keep the KV cache within `kv_budget` bytes.
+and the number of slots is cut to keep the KV cache within `kv_budget` bytes (the config's `kv_cache_mb`).
 
 Sampling mirrors `llama_cpp.Llama` (the SequentialBackend reference): at temperature 0, the
 greedy token under the grammar; it is found by checking the unconstrained argmax against the
@@ -55,7 +55,6 @@ from optimize.engine import Completion, Generation, settle_choice
 from optimize.errors import ModelError
 
 WAIT_FOR_SHARED = 64  # wait for a prompt in flight when it will share this many more tokens than the cache
-KV_BUDGET = 1_200_000_000  # bytes of KV cache the default slot count must fit in
 EMPTY = np.zeros(0, dtype=np.int32)
 TOP_CANDIDATES = 64  # best tokens checked one by one before a whole-vocabulary grammar scan
 KV_PAD = 256  # llama.cpp pads the KV length a ubatch attends over to a multiple of this (llama_kv_cache::get_n_kv)
@@ -164,15 +163,20 @@ class BatchedBackend:
 
     def __init__(self, llama, parallel: int = 16, cells_per_seq: int | None = None, n_batch: int = 512,
                  max_prefixes: int = 2, n_threads: int | None = None, flash_attn: bool = False,
-                 kv_budget: int | None = KV_BUDGET):
+                 kv_budget: int | None = None):
         import llama_cpp as lc
 
         self.lc, self.llama = lc, llama
         self.cells_per_seq = cells_per_seq or llama.n_ctx()
         self.bytes_per_cell = kv_bytes_per_cell(llama._model.model)
         if kv_budget is not None:
-            fit = kv_budget // (self.cells_per_seq * self.bytes_per_cell) - max_prefixes
-            parallel = max(1, min(parallel, fit))
+            per_stream = self.cells_per_seq * self.bytes_per_cell
+            fit = kv_budget // per_stream - max_prefixes
+            if fit < 1:
+                raise ModelError(f"a KV cache of {kv_budget / 1e6:.0f} MB holds no decoding slot: one slot and "
+                                 f"{max_prefixes} prefix streams of {self.cells_per_seq} cells need "
+                                 f"{(1 + max_prefixes) * per_stream / 1e6:.0f} MB; raise kv_cache_mb or lower n_ctx")
+            parallel = min(parallel, fit)
         self.parallel, self.max_prefixes = parallel, max_prefixes
         self.n_batch = n_batch
         n_streams = parallel + max_prefixes

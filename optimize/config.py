@@ -35,6 +35,8 @@ class ModelConfig(Section):
     cache: bool = Field(True, description="DSPy's response cache, keyed on the model file's sha256")
     engine: Literal["batched", "sequential"] = Field("batched", description="batched: many sequences decoded together (optimize.batching); sequential: one call at a time")
     parallel: int = Field(16, ge=1, le=64, description="sequences decoded together by the batched engine")
+    kv_cache_mb: int = Field(1200, ge=1, description="KV cache memory the batched engine may take; it runs fewer "
+                             "than `parallel` sequences when they do not fit (each holds n_ctx cells)")
     overflow: Literal["fail", "truncate"] = Field("fail", description="what to do with a prompt longer than n_ctx")
 
 

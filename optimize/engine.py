@@ -201,7 +201,7 @@ class LlamaEngine:
         if self.cfg.engine == "batched":
             from optimize.batching import BatchedBackend
 
-            return BatchedBackend(self.llama, parallel=self.cfg.parallel)
+            return BatchedBackend(self.llama, parallel=self.cfg.parallel, kv_budget=self.cfg.kv_cache_mb * 10**6)
         return SequentialBackend(self.llama)
 
     # -- prompt ---------------------------------------------------------------------------------
@@ -295,7 +295,7 @@ def close_engines() -> None:
 def get_engine(cfg: ModelConfig) -> LlamaEngine:
     """One engine per (model file, runtime settings) in a process: loading is paid once per sweep."""
     info = describe(cfg.spec)
-    key = (info.sha256, cfg.n_ctx, cfg.n_threads, cfg.engine, cfg.parallel, cfg.overflow)
+    key = (info.sha256, cfg.n_ctx, cfg.n_threads, cfg.engine, cfg.parallel, cfg.kv_cache_mb, cfg.overflow)
     with _engines_lock:
         if key not in _engines:
             _engines[key] = LlamaEngine(info, cfg)

@@ -183,6 +183,15 @@ def test_truncated_model_file(capsys, tmp_path, mlflow_store, smollm_info):
     assert untouched(mlflow_store)
 
 
+def test_kv_cache_too_small_for_one_slot(capsys, tmp_path, mlflow_store):
+    config = write(tmp_path, BASE.replace("max_tokens = 32", "max_tokens = 32\nkv_cache_mb = 10"))
+    code, err = cli(capsys, "run", str(config))  # found when the engine starts, after the progress lines
+    *progress, last = err.splitlines()
+    assert_clean_error(code, last, "KV cache of 10 MB holds no decoding slot", "raise kv_cache_mb or lower n_ctx")
+    assert progress[-1].strip() == "loading smollm2-135m: failed in 0 s"
+    assert {r.info.status for r in runs_in(mlflow_store)} == {"FAILED"}  # the child and its parent
+
+
 def test_empty_model_file(capsys, tmp_path, mlflow_store):
     model = tmp_path / "empty.gguf"
     model.write_bytes(b"")

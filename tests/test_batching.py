@@ -199,13 +199,23 @@ def test_kv_memory_stays_bounded_and_lru_prefixes_are_evicted(llama, sequential)
         backend.generate(work[0])
 
 
-def test_default_slots_fit_the_kv_budget(llama):
+def test_slots_fit_the_kv_budget_and_an_impossible_one_is_refused(llama):
     backend = BatchedBackend(llama, parallel=16, max_prefixes=2, kv_budget=10 * 2048 * 23040)
     try:
         assert backend.cells_per_seq == llama.n_ctx() == 2048
         assert backend.parallel == 8 and backend.kv_bytes <= 10 * 2048 * 23040
     finally:
         backend.close()
+    with pytest.raises(ModelError, match="holds no decoding slot: one slot and 2 prefix streams of 2048 cells need 142 MB"):
+        BatchedBackend(llama, parallel=16, max_prefixes=2, kv_budget=100_000_000)
+
+
+def test_the_engine_takes_its_kv_budget_from_the_config(smollm_info):
+    engine = LlamaEngine(smollm_info, ModelConfig(n_ctx=1024, kv_cache_mb=200, parallel=16))
+    try:
+        assert engine.backend.parallel == 200_000_000 // (1024 * 23040) - 2 == 6
+    finally:
+        engine.close()
 
 
 def test_a_settled_choice_stops_decoding_with_the_same_answer(llama, sequential, batched):
