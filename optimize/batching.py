@@ -16,10 +16,11 @@ flip near-ties. So each step decodes the sequences of one padded length ("KV cla
 over exactly the length the sequential engine uses for the same token, and prompt chunks go in their
 own llama_decode (a chunk packed with other sequences' tokens is split into differently shaped
 ubatches). llama.cpp puts only consecutive stream ids in one ubatch, so a new sequence takes a free
-slot beside decoding sequences of its class (`_destination`). Measured: sequences of equal class decoded together give bit-for-bit their solo logits;
-replayed through both engines, the batched answers equal the sequential ones on 200/200 Banking77
-prompts and 89/89 GSM8K chain calls (`chainopt bench` reports the rate on every run). Tokens of a draft verified in one multi-token
-ubatch do not (a multi-token row differs from a one-token decode), so there is no speculative decoding.
+slot beside decoding sequences of its class (`_destination`). Measured: sequences of equal class
+decoded together give bit-for-bit their solo logits; replayed through both engines, the batched
+answers equal the sequential ones on 200/200 Banking77 prompts and 89/89 GSM8K chain calls
+(`chainopt bench` reports the rate on every run). Tokens of a draft verified in one multi-token ubatch
+do not (a multi-token row differs from a one-token decode), so there is no speculative decoding.
 
 Prefix sharing: a stream keeps its tokens after its request ends, and a few extra streams hold
 cached prompts (an LRU of "prefixes"). A new request starts from the stream that shares the longest
@@ -31,7 +32,8 @@ computing the same tokens twice.
 
 Memory is fixed at start: (parallel + max_prefixes) streams x cells_per_seq cells. `cells_per_seq`
 defaults to the Llama's n_ctx (the engine's context window, so its overflow policy applies as is),
-and the number of slots is cut to keep the KV cache within `kv_budget` bytes (the config's `kv_cache_mb`).
+and the number of slots is cut to keep the KV cache within `kv_budget` bytes (`kv_cache_mb` in the
+config).
 
 Sampling mirrors `llama_cpp.Llama` (the SequentialBackend reference): at temperature 0, the
 greedy token under the grammar; it is found by checking the unconstrained argmax against the
