@@ -55,8 +55,11 @@ def test_cli_serves_the_store_named_by_the_environment_until_interrupted():
     client.log_metric(run.info.run_id, "accuracy", 0.5)
     client.set_terminated(run.info.run_id)
 
+    # A shell's background jobs ignore SIGINT and Python keeps an inherited SIG_IGN: restore the default,
+    # as in the terminal where a person presses Ctrl-C.
     proc = subprocess.Popen([sys.executable, "-m", "optimize", "ui", "--json"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         lines = []
         while not lines or lines[-1] != "}\n":
