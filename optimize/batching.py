@@ -48,7 +48,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -220,6 +220,7 @@ class BatchedBackend:
         self._free_prefix_seqs = list(range(parallel, n_streams))
         self._admitted = 0
         self.copies = 0  # full-stream copies made (diagnostics)
+        self.decoded: Counter[int] = Counter()  # tokens decoded per KV class (the bench's exact-layout floor)
         self._worker = threading.Thread(target=self._run, name="chainopt-batched-llama", daemon=True)
         self._worker.start()
 
@@ -412,6 +413,8 @@ class BatchedBackend:
         for slot in self._slots.values():
             if not slot.in_prefill:
                 by_class.setdefault(self._kv_class(slot.n_past + 1), []).append((slot, 1))
+        for kv_class, work in by_class.items():
+            self.decoded[kv_class] += len(work)
         rounds = list(by_class.values())
         room = self.n_batch
         for slot in sorted((s for s in self._slots.values() if s.in_prefill), key=lambda s: s.order):

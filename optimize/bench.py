@@ -16,7 +16,10 @@ The compute floor is what raw llama.cpp needs for the tokens the chainopt row ha
 its computed input at the measured prompt-processing rate plus its output at the measured
 batched decode rate (`floor_seconds`), both measured in the workload's own context (its prompt
 length) in llama.cpp's fastest layout for it (`measure_rates`). chainopt's ratio to it says how
-much is left to win.
+much is left to win. The exact-layout floor (`exact_floor_seconds`) prices each token the batched
+engine decoded at the rate raw llama.cpp decodes its KV class in the engine's own layout (one KV
+stream per sequence, a full batch of one class per llama_decode: what keeps answers equal to the
+sequential engine's), so it says how much is left to win without changing answers.
 
 Run: python -m optimize.bench --workload banking77 --n 200 --stock-limit 20
 """
@@ -24,6 +27,7 @@ Run: python -m optimize.bench --workload banking77 --n 200 --stock-limit 20
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -90,6 +94,7 @@ class Row:
     adapter: str = ""
     answers: list[str | None] = field(default_factory=list)
     error: str | None = None
+    decoded_by_class: dict[int, int] | None = None  # the batched engine's decoded tokens per KV class
 
     @property
     def s_per_example(self) -> float:
@@ -110,6 +115,15 @@ class Rates:
     suffix: int  # prompt tokens each sequence adds
     parallel: int
     steps: int
+    class_decode_tps: dict[int, float] = field(default_factory=dict)  # per KV class, one stream per sequence
+
+
+def _from_json(cls: type, data: dict[str, Any]) -> Any:
+    """A Row or Rates from a child's JSON, which turned the KV classes (int keys) into strings."""
+    for name in ("decoded_by_class", "class_decode_tps"):
+        if data.get(name):
+            data[name] = {int(key): value for key, value in data[name].items()}
+    return cls(**data)
 
 
 @dataclass
@@ -138,13 +152,25 @@ def floor_seconds(input_computed: int, output_tokens: int, prompt_tps: float, de
     return input_computed / prompt_tps + output_tokens / decode_tps
 
 
+def exact_floor_seconds(input_computed: int, prompt_tps: float, decoded_by_class: dict[int, int],
+                        class_decode_tps: dict[int, float]) -> float | None:
+    """Time raw llama.cpp needs for these tokens in the layout that keeps answers exact: prompt at the
+    prefill rate, each decoded token at its KV class's batched rate (a token attends over its class's
+    cells, so long contexts decode slower). None when a class the engine used was not measured."""
+    if any(kv_class not in class_decode_tps for kv_class in decoded_by_class):
+        return None
+    return input_computed / prompt_tps + sum(n / class_decode_tps[c] for c, n in decoded_by_class.items())
+
+
 def best_rates(measured: list[Rates]) -> Rates | None:
     """The fastest prompt and decode rates seen. The floor is a lower bound on time, and on a shared CPU
     a slow measurement says more about the neighbours than about llama.cpp, so the best one is the fair one."""
     if not measured:
         return None
     best = max(measured, key=lambda r: r.prompt_tps)
-    return Rates(**{**asdict(best), "decode_tps": max(r.decode_tps for r in measured)})
+    per_class = {c: max(r.class_decode_tps[c] for r in measured if c in r.class_decode_tps)
+                 for c in sorted({c for r in measured for c in r.class_decode_tps})}
+    return Rates(**{**asdict(best), "decode_tps": max(r.decode_tps for r in measured), "class_decode_tps": per_class})
 
 
 def speedup(reference: Row | None, row: Row) -> float | None:
@@ -172,6 +198,7 @@ class Setup:
     usage: Callable[[], tuple[int, int | None, int, int]]  # input, computed-or-None, output, calls
     close: Callable[[], None] = lambda: None
     server_rss: Callable[[], float | None] = lambda: None
+    decoded: Callable[[], dict[int, int] | None] = lambda: None  # tokens decoded per KV class, batched only
 
 
 def _free_port() -> int:
@@ -293,8 +320,12 @@ def _setup_chainopt(engine: Literal["sequential", "batched"]) -> Callable[[str, 
             scope.__exit__(None, None, None)
             get_engine(cfg).close()
 
+        def decoded() -> dict[int, int] | None:
+            counts = getattr(get_engine(cfg).backend, "decoded", None)
+            return None if counts is None else dict(sorted(counts.items()))
+
         # (c) and (d) share chainopt's adapter, so their answers differ only by engine.
-        return Setup(lm, CacheFriendlyAdapter(), parallel, usage, close)
+        return Setup(lm, CacheFriendlyAdapter(), parallel, usage, close, decoded=decoded)
 
     return setup
 
@@ -337,7 +368,7 @@ def run_path(path: str, workload: str, n: int, *, parallel: int = 16, model: str
             records = evaluate(program, splits.test, metric, answer_field, threads=setup.threads).records
             seconds = time.perf_counter() - start
         input_tokens, computed, output, calls = setup.usage()
-        server_rss = setup.server_rss()
+        server_rss, decoded = setup.server_rss(), setup.decoded()
     finally:
         setup.close()
     return Row(path=path, n=len(records), seconds=seconds, accuracy=sum(r.success for r in records) / len(records),
@@ -345,7 +376,8 @@ def run_path(path: str, workload: str, n: int, *, parallel: int = 16, model: str
                input_computed=computed, output_tokens=output, calls=calls,
                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                server_rss_mb=server_rss, adapter=type(setup.adapter).__name__,
-               answers=[None if r.predicted is None else str(r.predicted) for r in records])
+               answers=[None if r.predicted is None else str(r.predicted) for r in records],
+               decoded_by_class=decoded)
 
 
 def workload_context(workload: str, llm) -> int:
@@ -368,15 +400,16 @@ def workload_context(workload: str, llm) -> int:
 
 
 def measure_rates(model: str = "smollm2-135m", *, workload: str = "banking77", parallel: int = 16,
-                  suffix: int = 32, steps: int = 32) -> Rates:
+                  suffix: int = 32, steps: int = 32, class_steps: int = 16) -> Rates:
     """Raw llama.cpp rates in the workload's own regime, with the engine's thread count, no sampling, no
-    Python between tokens, in llama.cpp's fastest layout for it (one unified KV cache, the context's
-    cells shared by every sequence without a copy).
+    Python between tokens.
 
-    `parallel` sequences share a context as long as the workload's prompt (`workload_context`). Prompt:
-    each adds `suffix` tokens, all in one llama_decode (best of two). Decode: each then advances one
-    token per llama_decode for `steps` steps. Attention over the context is part of every token's cost,
-    so rates measured on a short context would make a floor no engine can reach on long prompts.
+    Prompt and decode, in llama.cpp's fastest layout for them (one unified KV cache, the context's cells
+    shared by every sequence without a copy): `parallel` sequences share a context as long as the
+    workload's prompt (`workload_context`); each adds `suffix` tokens, all in one llama_decode (best of
+    two), then advances one token per llama_decode for `steps` steps. Attention over the context is part
+    of every token's cost, so rates measured on a short context would make a floor no engine can reach
+    on long prompts. Then per KV class, in the batched engine's layout (`class_rates`).
     """
     import llama_cpp
 
@@ -385,18 +418,85 @@ def measure_rates(model: str = "smollm2-135m", *, workload: str = "banking77", p
     threads = os.cpu_count() or 1
     llm = llama_cpp.Llama(model_path=describe(model).path, n_ctx=256, n_threads=threads, verbose=False)
     context = workload_context(workload, llm)
-    params = llama_cpp.llama_context_default_params()
-    params.n_ctx = context + parallel * (suffix + steps) + 256
-    params.n_batch = params.n_ubatch = max(512, parallel * suffix)
-    params.n_seq_max, params.kv_unified = parallel, True
-    params.n_threads = params.n_threads_batch = threads
-    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as the engine runs
-    ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
-    memory = llama_cpp.llama_get_memory(ctx)
-    batch = llama_cpp.llama_batch_init(params.n_batch, 0, parallel)
     text = " ".join(f"Query {i}: how do I top up my card with a transfer from abroad?" for i in range(200))
     tokens = llm.tokenize(text.encode())
-    tokens *= (context + suffix + steps) // len(tokens) + 1  # as long as the context needs
+    tokens *= (max(context + suffix + steps, CHAINOPT_N_CTX)) // len(tokens) + 1  # as long as the contexts need
+    try:
+        with _raw_context(llm, n_ctx=context + parallel * (suffix + steps) + 256, n_batch=max(512, parallel * suffix),
+                          n_seq_max=parallel, unified=True) as (decode, memory):
+            for start in range(0, context, 512):
+                decode([(tokens[k], k, 0, False) for k in range(start, min(start + 512, context))])
+            for seq in range(1, parallel):
+                llama_cpp.llama_memory_seq_cp(memory, 0, seq, -1, -1)
+            prompt_s = float("inf")
+            for _ in range(2):
+                for seq in range(parallel):
+                    llama_cpp.llama_memory_seq_rm(memory, seq, context, -1)
+                start = time.perf_counter()
+                decode([(tokens[context + (seq + k) % suffix], context + k, seq, k == suffix - 1)
+                        for seq in range(parallel) for k in range(suffix)])
+                prompt_s = min(prompt_s, time.perf_counter() - start)
+            start = time.perf_counter()
+            for k in range(steps):
+                decode([(tokens[(k * parallel + s) % len(tokens)], context + suffix + k, s, True)
+                        for s in range(parallel)])
+            decode_s = time.perf_counter() - start
+        per_class = class_rates(llm, tokens, parallel=parallel, cells=CHAINOPT_N_CTX, steps=class_steps)
+    finally:
+        llm.close()
+    return Rates(prompt_tps=parallel * suffix / prompt_s, decode_tps=parallel * steps / decode_s,
+                 context=context, suffix=suffix, parallel=parallel, steps=steps, class_decode_tps=per_class)
+
+
+def class_rates(llm, tokens: list[int], *, parallel: int, cells: int, steps: int) -> dict[int, float]:
+    """Batched decode rate per KV class, in the batched engine's layout: `parallel` sequences, one KV stream
+    of `cells` cells each, all of one class in one llama_decode. For each class (a multiple of KV_PAD),
+    every stream holds `class - steps` tokens and decodes `steps` more, so each step attends over exactly
+    the class's padded length, as the engine's tokens of that class do."""
+    import llama_cpp
+
+    from optimize.batching import KV_PAD
+
+    assert steps < KV_PAD
+    rates: dict[int, float] = {}
+    source = parallel  # an extra stream computes the longest context once; the others copy it
+    with _raw_context(llm, n_ctx=(parallel + 1) * cells, n_batch=512, n_seq_max=parallel + 1,
+                      unified=False) as (decode, memory):
+        longest = cells - steps
+        for start in range(0, longest, 512):
+            decode([(tokens[k], k, source, False) for k in range(start, min(start + 512, longest))])
+        for kv_class in range(KV_PAD, cells + 1, KV_PAD):
+            held = kv_class - steps
+            for seq in range(parallel):  # a whole-stream copy, trimmed (as the engine shares prefixes)
+                llama_cpp.llama_memory_seq_rm(memory, seq, -1, -1)
+                llama_cpp.llama_memory_seq_cp(memory, source, seq, -1, -1)
+                llama_cpp.llama_memory_seq_rm(memory, seq, held, -1)
+            # The stream data is copied at the next decode: do one, untimed, and drop its token.
+            decode([(tokens[held], held, seq, True) for seq in range(parallel)])
+            for seq in range(parallel):
+                llama_cpp.llama_memory_seq_rm(memory, seq, held, -1)
+            start = time.perf_counter()
+            for k in range(steps):
+                decode([(tokens[held + k], held + k, seq, True) for seq in range(parallel)])
+            rates[kv_class] = parallel * steps / (time.perf_counter() - start)
+    return rates
+
+
+@contextlib.contextmanager
+def _raw_context(llm, *, n_ctx: int, n_batch: int, n_seq_max: int, unified: bool):
+    """A bare llama.cpp context on `llm`'s weights, as the engine sets it up (threads = cores, flash attention
+    off); yields a decode function for (token, pos, seq, logits) items and the context's memory."""
+    import llama_cpp
+
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, n_batch, n_batch
+    params.n_seq_max, params.kv_unified = n_seq_max, unified
+    params.n_threads = params.n_threads_batch = os.cpu_count() or 1
+    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as the engine runs
+    ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
+    if not ctx:
+        raise RuntimeError(f"llama.cpp could not create a context of {n_ctx} cells for measuring rates")
+    batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
 
     def decode(items: list[tuple[int, int, int, bool]]) -> None:
         batch.n_tokens = len(items)
@@ -407,28 +507,10 @@ def measure_rates(model: str = "smollm2-135m", *, workload: str = "banking77", p
             raise RuntimeError("llama_decode failed while measuring rates")
 
     try:
-        for start in range(0, context, 512):
-            decode([(tokens[k], k, 0, False) for k in range(start, min(start + 512, context))])
-        for seq in range(1, parallel):
-            llama_cpp.llama_memory_seq_cp(memory, 0, seq, -1, -1)
-        prompt_s = float("inf")
-        for _ in range(2):
-            for seq in range(parallel):
-                llama_cpp.llama_memory_seq_rm(memory, seq, context, -1)
-            start = time.perf_counter()
-            decode([(tokens[context + (seq + k) % suffix], context + k, seq, k == suffix - 1)
-                    for seq in range(parallel) for k in range(suffix)])
-            prompt_s = min(prompt_s, time.perf_counter() - start)
-        start = time.perf_counter()
-        for k in range(steps):
-            decode([(tokens[(k * parallel + s) % len(tokens)], context + suffix + k, s, True) for s in range(parallel)])
-        decode_s = time.perf_counter() - start
+        yield decode, llama_cpp.llama_get_memory(ctx)
     finally:
         llama_cpp.llama_batch_free(batch)
         llama_cpp.llama_free(ctx)
-        llm.close()
-    return Rates(prompt_tps=parallel * suffix / prompt_s, decode_tps=parallel * steps / decode_s,
-                 context=context, suffix=suffix, parallel=parallel, steps=steps)
 
 
 # ---------------------------------------------------------------- the parent: one subprocess per row
@@ -491,10 +573,10 @@ def run_bench(workload: str = "banking77", *, n: int | None = None, stock_limit:
         size = stock_n if path in STOCK else n
         progress(f"({LETTER[path]}) {path}: {size} examples")
         data = _child(["--path", path, "--n", str(size), *common], timeout)
-        rows.append(Row(**data) if "path" in data else Row(path=path, error=data["error"]))
+        rows.append(_from_json(Row, data) if "path" in data else Row(path=path, error=data["error"]))
     progress("measuring raw llama.cpp rates again")
     measured.append(_child(["--rates", *common], timeout))
-    rates = best_rates([Rates(**m) for m in measured if "error" not in m])
+    rates = best_rates([_from_json(Rates, m) for m in measured if "error" not in m])
     return BenchResult(workload=workload, date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                        machine=_machine(), model=model, n=n, stock_n=stock_n, parallel=parallel,
                        rates=rates, rows=rows)
@@ -569,6 +651,26 @@ def _floor_lines(result: BenchResult) -> list[str]:
     if b is not None and b.error is None and b.s_per_example:
         lines.append(f"at the floor, ({LETTER[target.path]}) would be {b.s_per_example / (floor / target.n):.1f}x (b): "
                      "the most any engine computing these tokens at these rates could reach")
+    return lines + _exact_floor_lines(result, target, b)
+
+
+def _exact_floor_lines(result: BenchResult, target: Row, b: Row | None) -> list[str]:
+    rates, decoded = result.rates, target.decoded_by_class
+    if rates is None or not decoded or target.input_computed is None:
+        return []
+    exact = exact_floor_seconds(target.input_computed, rates.prompt_tps, decoded, rates.class_decode_tps)
+    if exact is None:
+        return [f"exact-layout floor: KV classes {sorted(set(decoded) - set(rates.class_decode_tps))} not measured"]
+    per_class = ", ".join(f"{c} cells {n} tokens at {rates.class_decode_tps[c]:.0f} tok/s" for c, n in decoded.items())
+    lines = [f"exact-layout floor for ({LETTER[target.path]}) (one KV stream per sequence, {rates.parallel} sequences "
+             f"of one KV class per llama_decode, the layout that keeps answers equal to the sequential engine's): "
+             f"{target.input_computed} computed input tokens at the prompt rate + decoded tokens per KV class "
+             f"({per_class}) = {exact:.1f} s ({exact / target.n:.3f} s/ex); chainopt took "
+             f"{target.seconds / exact:.2f}x it"]
+    if b is not None and b.error is None and b.s_per_example:
+        lines.append(f"at the exact-layout floor, ({LETTER[target.path]}) would be "
+                     f"{b.s_per_example / (exact / target.n):.1f}x (b): the most an engine with answers equal to "
+                     "the sequential engine's could reach here")
     return lines
 
 

@@ -93,9 +93,14 @@ def test_prompts_of_different_kv_lengths_decoded_together_get_the_sequential_ans
             work.append(Generation(tokens=chat(llama, f"Write one sentence about {topic}.", system), max_tokens=24))
     assert {batched._kv_class(len(job.tokens) + 24) for job in work} == {256, 512}
     expected = [sequential.generate(job) for job in work]
+    before = batched.decoded.copy()
     with ThreadPoolExecutor(len(work)) as pool:
         got = list(pool.map(batched.generate, work))
     assert [(g.text, g.n_output) for g in got] == [(e.text, e.n_output) for e in expected]
+    # Every output token but one stopped by max_tokens was fed back through llama_decode, in its KV class.
+    decoded = batched.decoded - before
+    assert set(decoded) == {256, 512}
+    assert sum(decoded.values()) == sum(g.n_output - (g.finish_reason == "length") for g in got)
 
 
 def test_a_new_sequence_goes_beside_decoding_sequences_of_its_kv_class(llama):

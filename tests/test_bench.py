@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from optimize.bench import (BenchResult, Rates, Row, best_rates, floor_seconds, format_table, identical_rate,
-                            run_bench, speedup)
+from optimize.bench import (BenchResult, Rates, Row, _from_json, best_rates, exact_floor_seconds, floor_seconds,
+                            format_table, identical_rate, run_bench, speedup)
 from optimize.errors import ConfigError
 
 
@@ -22,6 +22,27 @@ def test_floor_seconds(computed: int, output: int, prompt_tps: float, decode_tps
     assert math.isclose(floor_seconds(computed, output, prompt_tps, decode_tps), expected)
 
 
+@pytest.mark.parametrize("computed, decoded, class_tps, expected", [
+    (0, {}, {}, 0.0),
+    (400, {256: 250}, {256: 250.0, 512: 100.0}, 2.0),  # 400/400 + 250/250
+    (0, {256: 250, 512: 100}, {256: 250.0, 512: 100.0}, 2.0),  # each class at its own rate
+    (0, {768: 10}, {256: 250.0, 512: 100.0}, None),  # a class that was not measured: no floor
+])
+def test_exact_floor_seconds(computed: int, decoded: dict, class_tps: dict, expected: float | None) -> None:
+    got = exact_floor_seconds(computed, 400.0, decoded, class_tps)
+    assert got == expected if expected is None else math.isclose(got, expected)
+
+
+def test_kv_classes_survive_the_childs_json() -> None:
+    import json
+    from dataclasses import asdict
+
+    rates = Rates(400.0, 200.0, 750, 32, 16, 32, class_decode_tps={256: 250.0, 512: 200.0})
+    row = Row("batched", n=1, decoded_by_class={256: 9, 768: 3})
+    assert _from_json(Rates, json.loads(json.dumps(asdict(rates)))) == rates
+    assert _from_json(Row, json.loads(json.dumps(asdict(row)))) == row
+
+
 @pytest.mark.parametrize("measured, expected", [
     ([], None),
     ([(400.0, 200.0)], (400.0, 200.0)),
@@ -31,6 +52,12 @@ def test_floor_seconds(computed: int, output: int, prompt_tps: float, decode_tps
 def test_best_rates(measured: list[tuple[float, float]], expected: tuple[float, float] | None) -> None:
     best = best_rates([Rates(p, d, 750, 32, 16, 32) for p, d in measured])
     assert (best and (best.prompt_tps, best.decode_tps)) == expected
+
+
+def test_best_rates_per_kv_class() -> None:
+    best = best_rates([Rates(400.0, 200.0, 750, 32, 16, 32, class_decode_tps={256: 250.0, 512: 90.0}),
+                       Rates(300.0, 100.0, 750, 32, 16, 32, class_decode_tps={256: 240.0, 512: 180.0, 768: 150.0})])
+    assert best.class_decode_tps == {256: 250.0, 512: 180.0, 768: 150.0}
 
 
 @pytest.mark.parametrize("ref_s, ref_n, s, n, expected", [
@@ -64,14 +91,17 @@ def test_table_of_synthetic_result() -> None:
             Row("sequential", n=4, seconds=8.0, input_tokens=8000, input_computed=2000, output_tokens=40, calls=4,
                 answers=["a", "b", "c", "d"]),
             Row("batched", n=4, seconds=4.0, input_tokens=8000, input_computed=2000, output_tokens=40, calls=4,
-                answers=["a", "b", "c", "x"])]
+                answers=["a", "b", "c", "x"], decoded_by_class={256: 20, 768: 16})]
     result = BenchResult("banking77", "2026-01-01", "cpu", "smollm2-135m", n=4, stock_n=2, parallel=16,
-                         rates=Rates(500.0, 200.0, 750, 32, 16, 32), rows=rows)
+                         rates=Rates(500.0, 200.0, 750, 32, 16, 32, class_decode_tps={256: 100.0, 768: 80.0}),
+                         rows=rows)
     table = format_table(result)
     assert "<=2000.0" in table  # the server cannot split its input: all of it, marked as an upper bound
     assert "50.0x" in table and "5.0x" in table  # (d) vs (a): 50 s/ex / 1 s/ex; vs (b): 5 / 1
     assert "= 4.2 s" in table and "0.95x the floor" in table  # 2000/500 + 40/200 = 4.2 s; 4.0 / 4.2
     assert "(d) would be 4.8x (b)" in table  # (b) 5 s/ex against the floor's 4.2 s / 4 examples
+    # 2000/500 + 20/100 + 16/80 = 4.4 s; 4.0 / 4.4; (b) 5 s/ex against 1.1 s/ex
+    assert "= 4.4 s (1.100 s/ex); chainopt took 0.91x it" in table and "(d) would be 4.5x (b)" in table
     assert "n_ctx=2048" in table and "n_ctx=4096" in table
     assert "identical answers: 3/4 (75.0%)" in table
     assert "first 2 of the 4 examples" in table
@@ -106,3 +136,8 @@ def test_tiny_real_run() -> None:
     target = result.row("batched") or result.row("sequential")
     floor = floor_seconds(target.input_computed, target.output_tokens, result.rates.prompt_tps, result.rates.decode_tps)
     assert any(f"= {floor:.1f} s" in line for line in table)
+    assert sorted(result.rates.class_decode_tps) == list(range(256, 2049, 256))
+    batched = result.row("batched")
+    if batched is not None:  # its decoded tokens, per KV class, priced at the measured class rates
+        assert batched.decoded_by_class and set(batched.decoded_by_class) <= set(result.rates.class_decode_tps)
+        assert any(line.startswith("exact-layout floor for (d)") for line in table)
