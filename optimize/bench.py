@@ -420,7 +420,7 @@ def measure_rates(model: str = "smollm2-135m", *, workload: str = "banking77", p
     context = workload_context(workload, llm)
     text = " ".join(f"Query {i}: how do I top up my card with a transfer from abroad?" for i in range(200))
     tokens = llm.tokenize(text.encode())
-    tokens *= (max(context + suffix + steps, CHAINOPT_N_CTX)) // len(tokens) + 1  # as long as the contexts need
+    tokens *= max(context + suffix + steps, CHAINOPT_N_CTX) // len(tokens) + 1  # as long as the contexts need
     try:
         with _raw_context(llm, n_ctx=context + parallel * (suffix + steps) + 256, n_batch=max(512, parallel * suffix),
                           n_seq_max=parallel, unified=True) as (decode, memory):
