@@ -123,7 +123,8 @@ def to_toml(doc: dict) -> str:
         if isinstance(v, (int, float)):
             return repr(v)
         if isinstance(v, str):
-            return json.dumps(v, ensure_ascii=False)  # TOML has no surrogate-pair escapes
+            # TOML has no surrogate-pair escapes; JSON leaves DEL raw, which TOML forbids in a string
+            return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
         if isinstance(v, list):
             return "[" + ", ".join(value(x) for x in v) + "]"
         return "{" + ", ".join(f"{json.dumps(k)} = {value(x)}" for k, x in v.items()) + "}"
