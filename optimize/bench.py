@@ -302,9 +302,9 @@ def _setup_inproc(model_path: str, parallel: int) -> Setup:
 def _setup_chainopt(engine: Literal["sequential", "batched"]) -> Callable[[str, int], Setup]:
     def setup(model_path: str, parallel: int) -> Setup:
         from optimize import cost
-        from optimize.adapter import CacheFriendlyAdapter
-        from optimize.config import ModelConfig
-        from optimize.engine import build_lm, get_engine
+        from optimize.llm.adapter import CacheFriendlyAdapter
+        from optimize.llm.settings import ModelConfig
+        from optimize.llm.engine import build_lm, get_engine
 
         cfg = ModelConfig(spec=model_path, n_ctx=CHAINOPT_N_CTX, max_tokens=MAX_TOKENS, cache=False,
                           engine=engine, parallel=parallel)
@@ -347,8 +347,8 @@ def run_path(path: str, workload: str, n: int, *, parallel: int = 16, model: str
     from optimize.config import DataConfig
     from optimize.data import load_splits
     from optimize.evaluate import evaluate
-    from optimize.models import describe
-    from programs import get_program
+    from optimize.llm.models import describe
+    from optimize.trial import get_program
 
     dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=False)
     spec = WORKLOADS[workload]
@@ -383,11 +383,11 @@ def run_path(path: str, workload: str, n: int, *, parallel: int = 16, model: str
 def workload_context(workload: str, llm) -> int:
     """Prompt tokens of the workload's first call (chainopt's adapter, the model's chat template): the
     context that the tokens a chainopt row computes attend over."""
-    from optimize.adapter import CacheFriendlyAdapter
+    from optimize.llm.adapter import CacheFriendlyAdapter
     from optimize.config import DataConfig
     from optimize.data import load_splits
-    from optimize.engine import chat_formatter
-    from programs import get_program
+    from optimize.llm.engine import chat_formatter
+    from optimize.trial import get_program
 
     spec = WORKLOADS[workload]
     splits = load_splits(DataConfig(dataset=spec.dataset, train=0, test=1, seed=0))
@@ -413,7 +413,7 @@ def measure_rates(model: str = "smollm2-135m", *, workload: str = "banking77", p
     """
     import llama_cpp
 
-    from optimize.models import describe
+    from optimize.llm.models import describe
 
     threads = os.cpu_count() or 1
     llm = llama_cpp.Llama(model_path=describe(model).path, n_ctx=256, n_threads=threads, verbose=False)
@@ -450,7 +450,7 @@ def class_rates(llm, tokens: list[int], *, parallel: int, cells: int, steps: int
     the class's padded length, as the engine's tokens of that class do (best of two)."""
     import llama_cpp
 
-    from optimize.batching import KV_PAD
+    from optimize.llm.batched import KV_PAD
 
     assert steps < KV_PAD
     rates: dict[int, float] = {}

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from optimize.errors import ChainoptError
+from optimize.tables import fmt, table
 
 EXAMPLES = {
     "run": "chainopt run experiments/banking77-fewshot.toml",
@@ -57,23 +58,6 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-def fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        if math.isinf(value):
-            return "inf"
-        return f"{value:.{digits}g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
-    return str(value)
-
-
-def table(headers: list[str], rows: list[list[Any]]) -> str:
-    cells = [[fmt(c) for c in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    line = lambda items: "  ".join(str(x).ljust(w) for x, w in zip(items, widths)).rstrip()
-    return "\n".join([line(headers), line("-" * w for w in widths), *map(line, cells)])
-
-
 # -- commands -------------------------------------------------------------------------------------
 def _result_text(result) -> str:
     from optimize.tracking import default_uri
@@ -81,13 +65,19 @@ def _result_text(result) -> str:
     rows = [[t.trial.program.name, t.trial.optimizer.name, t.trial.model.spec, t.trial.seed,
              t.metrics.get("accuracy"), f"{int(t.metrics.get('successes', 0))}/{int(t.metrics.get('n', 0))}",
              t.metrics.get("tokens_per_success"), t.metrics.get("seconds_per_success"),
-             t.metrics.get("parse_failures"), "reused" if t.reused else (t.stopped or "ok")] for t in result.trials]
+             t.metrics.get("parse_failures"), _status(t)] for t in result.trials]
     uri = result.tracking_uri
     ui = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000" if uri.startswith("sqlite") else uri
     hint = "" if uri != default_uri() else "\n(or: chainopt ui)"
     return (table(["program", "optimizer", "model", "seed", "accuracy", "ok/n", "tokens/success", "s/success",
                    "parse fail", "status"], rows)
             + f"\n\nMLflow parent run {result.parent_run_id} in {uri}\nOpen it with: {ui}{hint}")
+
+
+def _status(t) -> str:
+    status = "reused" if t.reused else (t.stopped or "ok")
+    hits = int(t.metrics.get("cache_hits", 0) or 0)
+    return f"{status}, {hits} cache hits (off the Pareto front)" if hits else status
 
 
 def _result_data(result) -> dict:
@@ -145,7 +135,7 @@ def cmd_datasets(args, out: Output) -> int:
 
 
 def cmd_models(args, out: Output) -> int:
-    from optimize.models import EMBEDDED, describe
+    from optimize.llm.models import EMBEDDED, describe
 
     rows = []
     for spec in EMBEDDED:
@@ -163,9 +153,9 @@ def cmd_models(args, out: Output) -> int:
 
 
 def cmd_programs(args, out: Output) -> int:
-    from programs import list_programs
+    from optimize.trial import PROGRAMS
 
-    rows = [{"name": p.name, "task": p.kind, "description": p.description} for p in list_programs()]
+    rows = [{"name": p.name, "task": p.kind, "description": p.description} for p in PROGRAMS.values()]
     out.result(table(["name", "task", "description"], [list(r.values()) for r in rows]), rows)
     return 0
 

@@ -6,7 +6,6 @@ and every problem in a file is reported at once.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import itertools
 import json
@@ -17,27 +16,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from optimize.errors import ConfigError
+from optimize.llm.settings import ModelConfig
+from optimize.registry import did_you_mean
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ModelConfig(Section):
-    """The task model: a spec (see optimize.models) and how llama.cpp runs it."""
-
-    spec: str = "smollm2-135m"
-    n_ctx: int = Field(4096, ge=256, le=131072)
-    n_threads: int | None = Field(None, ge=1, description="CPU threads; default: all cores")
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
-    max_tokens: int = Field(256, ge=1)
-    seed: int = 0
-    cache: bool = Field(True, description="DSPy's response cache, keyed on the model file's sha256")
-    engine: Literal["batched", "sequential"] = Field("batched", description="batched: many sequences decoded together (optimize.batching); sequential: one call at a time")
-    parallel: int = Field(16, ge=1, le=64, description="sequences decoded together by the batched engine")
-    kv_cache_mb: int = Field(1200, ge=1, description="KV cache memory the batched engine may take; it runs fewer "
-                             "than `parallel` sequences when they do not fit (each holds n_ctx cells)")
-    overflow: Literal["fail", "truncate"] = Field("fail", description="what to do with a prompt longer than n_ctx")
 
 
 class DataConfig(Section):
@@ -86,7 +70,6 @@ class CostConfig(Section):
 class TrackingConfig(Section):
     uri: str | None = Field(None, description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI or the project store")
     experiment: str | None = None
-    traces: bool = False
 
 
 class EvalConfig(Section):
@@ -166,11 +149,6 @@ def _normalise(raw: dict[str, Any], source: str) -> dict[str, Any]:
     return data
 
 
-def _suggest(key: str, allowed: list[str]) -> str:
-    close = difflib.get_close_matches(key, allowed, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def _format_errors(source: str, error: ValidationError) -> str:
     lines = []
     for item in error.errors():
@@ -178,7 +156,7 @@ def _format_errors(source: str, error: ValidationError) -> str:
         if item["type"] == "extra_forbidden":
             owner = _owner_model(item["loc"][:-1])
             allowed = sorted(owner.model_fields) if owner else []
-            hint = _suggest(str(item["loc"][-1]), allowed)
+            hint = did_you_mean(str(item["loc"][-1]), allowed)
             lines.append(f"{source}: unknown key {loc!r}{hint}; allowed: {', '.join(allowed)}")
         else:
             lines.append(f"{source}: {loc or '<top>'} = {item.get('input')!r}: {item['msg']}")

@@ -1,8 +1,13 @@
-"""Everything spent, and what it costs per successful chain. The cost formula lives in `summarize`.
+"""Everything spent, what it costs per successful chain, and the budget rules: the one home for both.
 
-Metering: the engine calls `record()` after every LM call. What it records lands in every open
-`Tally` of the calling thread (a chain, a compile phase, a whole run), so one call is counted once
-per scope that asked. Programs label their steps with `step("name")` to get tokens per step.
+Metering: the engine reports each LM call's usage to its observers (optimize.llm.types.observe); this
+module is one, registered on import, so whoever opens a scope here is metered. What a call spent lands
+in every open `Tally` of the calling thread (a chain, a compile phase, a whole run), so one call is
+counted once per scope that asked. Programs label their steps with `programs.contract.step("name")`
+to get tokens per step.
+
+Budgets are ceilings: a scope at its ceiling refuses the next call, and a call that carries a scope
+past its ceiling raises `BudgetExceeded` once it is recorded (its tokens were spent and are counted).
 """
 
 from __future__ import annotations
@@ -16,31 +21,8 @@ from dataclasses import dataclass, field, fields
 from typing import Iterator
 
 from optimize.errors import BudgetExceeded
-
-
-@dataclass
-class Usage:
-    """Counters of one LM call or of many, added together."""
-
-    input_computed: int = 0
-    input_reused: int = 0
-    output: int = 0
-    calls: int = 0
-    seconds: float = 0.0
-
-    @property
-    def input_tokens(self) -> int:
-        return self.input_computed + self.input_reused
-
-    @property
-    def tokens(self) -> int:
-        return self.input_tokens + self.output
-
-    def __add__(self, other: "Usage") -> "Usage":
-        return Usage(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
-
-    def as_dict(self) -> dict[str, float]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+from optimize.llm.types import Observer, Usage, observe
+from programs.contract import current_step
 
 
 @dataclass
@@ -59,12 +41,17 @@ class Tally:
             self.by_step[step_name] = self.by_step[step_name] + call
 
     def check(self) -> None:
+        """Before a call: a scope already at its ceiling refuses it."""
         if self.limit is not None and self.usage.tokens >= self.limit:
             raise BudgetExceeded(self.label or "chain", self.limit, self.usage.tokens)
 
+    @property
+    def over(self) -> bool:
+        """Past the ceiling: the scope spent more than it was allowed."""
+        return self.limit is not None and self.usage.tokens > self.limit
+
 
 _scopes: contextvars.ContextVar[tuple[Tally, ...]] = contextvars.ContextVar("chainopt_scopes", default=())
-_step: contextvars.ContextVar[str] = contextvars.ContextVar("chainopt_step", default="predict")
 _shared: list[Tally] = []  # scopes that see calls from every thread (a run, a compile phase)
 _shared_lock = threading.Lock()
 
@@ -89,16 +76,6 @@ def metered(label: str = "", limit: int | None = None, *, all_threads: bool = Fa
         _scopes.reset(token)
 
 
-@contextmanager
-def step(name: str) -> Iterator[None]:
-    """Label the LM calls made inside the block as one step of a chain."""
-    token = _step.set(name)
-    try:
-        yield
-    finally:
-        _step.reset(token)
-
-
 def _open_scopes() -> list[Tally]:
     with _shared_lock:
         return [*_scopes.get(), *_shared]
@@ -111,10 +88,17 @@ def check_budgets() -> None:
 
 
 def record(call: Usage) -> None:
-    """Called by the engine after every LM call."""
-    name = _step.get()
-    for tally in _open_scopes():
+    """Called after every LM call: count it in every open scope, then refuse it if it crossed a ceiling."""
+    name = current_step()
+    scopes = _open_scopes()
+    for tally in scopes:
         tally.add(call, name)
+    for tally in scopes:
+        if tally.over:
+            raise BudgetExceeded(tally.label or "chain", tally.limit, tally.usage.tokens)
+
+
+observe(Observer(before=check_budgets, after=record))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -206,7 +190,7 @@ def summarize(successes: list[bool], latencies: list[float], spend: Spend, price
     out = {"n": n, "successes": wins, "accuracy": wins / n if n else 0.0,
            "tokens_total": totals["tokens"], "input_tokens_computed": spend.usage.input_computed,
            "input_tokens_reused": spend.usage.input_reused, "output_tokens": spend.usage.output,
-           "lm_calls": spend.usage.calls, "seconds_total": spend.wall_seconds, "cpu_seconds": spend.cpu_seconds,
+           "lm_calls": spend.usage.calls, "cache_hits": spend.usage.cached, "seconds_total": spend.wall_seconds, "cpu_seconds": spend.cpu_seconds,
            "energy_joules": spend.joules, "energy_measured": float(spend.energy_measured), "usd_total": totals["usd"],
            "latency_p50": percentile(latencies, 50), "latency_p95": percentile(latencies, 95)}
     out.update({f"{unit}_per_success": per_success(totals[unit], wins) for unit in UNITS})
@@ -216,11 +200,13 @@ def summarize(successes: list[bool], latencies: list[float], spend: Spend, price
 def break_even(compile_cost: float, baseline_per_success: float, optimized_per_success: float) -> float:
     """Successful queries after which a compile pays for itself: compile / (baseline - optimized) per success.
 
-    Never, if the optimized program is not cheaper per success (infinite); at once if compiling cost nothing.
+    Never (infinite) when the optimized program is not cheaper per success, whatever the compile cost:
+    each query then costs more than the baseline's, so nothing is ever repaid. At once (0) when it is
+    cheaper and compiling cost nothing, or when the baseline never succeeds.
     """
     saving = baseline_per_success - optimized_per_success
-    if compile_cost <= 0:
+    if not saving > 0:  # also nan: both infinite
+        return math.inf
+    if compile_cost <= 0 or math.isinf(saving):
         return 0.0
-    if not saving > 0 or math.isinf(saving):
-        return math.inf if not saving > 0 else 0.0
     return compile_cost / saving

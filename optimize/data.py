@@ -8,7 +8,7 @@ line is malformed; bad records are reported with their line number, or skipped a
 from __future__ import annotations
 
 import csv
-import difflib
+import hashlib
 import json
 import random
 import re
@@ -25,6 +25,7 @@ import dspy
 
 from optimize.config import DataConfig
 from optimize.errors import DataError
+from optimize.registry import Registry, did_you_mean
 
 # The vendored data sits next to the package in the source tree; `datasets/` has no __init__.py
 # so that it can never shadow the Hugging Face library of the same name.
@@ -111,7 +112,7 @@ def _banking77(row: Row) -> Row:
 
 
 _GSM8K_SOURCE = "https://github.com/openai/grade-school-math"
-DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (
+DATASETS: Registry[DatasetSpec] = Registry("dataset", {spec.name: spec for spec in (
     DatasetSpec("banking77", "intent", "CC-BY-4.0", "https://github.com/PolyAI-LDN/task-specific-datasets",
                 {"train": "banking77/train.csv", "test": "banking77/test.csv"}, _banking77,
                 labels_file="banking77/categories.json"),
@@ -121,16 +122,11 @@ DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (
                 {"train": "gsm8k/train.jsonl", "test": "gsm8k/test_socratic.jsonl"}, _gsm8k),
     DatasetSpec("svamp", "math", "MIT", "https://github.com/arkilpatel/SVAMP",
                 {"train": "svamp/SVAMP.json"}, _svamp, held_out=300),
-)}
+)}, DataError)
 
 
 def get_dataset(name: str) -> DatasetSpec:
-    try:
-        return DATASETS[name]
-    except KeyError:
-        close = difflib.get_close_matches(name, DATASETS, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise DataError(f"unknown dataset {name!r}; {hint}available: {', '.join(DATASETS)}") from None
+    return DATASETS.get(name)
 
 
 @lru_cache(maxsize=None)
@@ -215,21 +211,32 @@ def load_splits(cfg: DataConfig) -> Splits:
     return Splits(task, _examples(train, task), _examples(dev, task), _examples(test, task))
 
 
+def data_digest(cfg: DataConfig) -> str:
+    """The content hash of the files a DataConfig reads: changed data at the same path is other data.
+
+    A Hub dataset is named by its spec and split alone (its content is not fetched to hash it)."""
+    if cfg.path and cfg.path.startswith("hf:"):
+        return f"{cfg.path}:{cfg.split or 'train'}"
+    if cfg.path:
+        files = [Path(cfg.path)]
+    else:
+        spec = get_dataset(cfg.dataset)
+        files = [DATA_DIR / f for f in (*spec.files.values(), *([spec.labels_file] if spec.labels_file else []))]
+    digest = hashlib.sha256()
+    for path in files:
+        try:
+            digest.update(path.read_bytes())
+        except OSError as exc:
+            raise DataError(f"cannot read {path}: {exc.strerror}") from None
+    return digest.hexdigest()
+
+
 def list_datasets() -> list[dict[str, Any]]:
     """The named datasets with their raw split sizes, for `chainopt datasets list`."""
     return [{"name": spec.name, "kind": spec.kind, "licence": spec.licence, "source": spec.source,
              "splits": {split: len(_raw(spec.name, split)) for split in spec.raw_splits},
              "labels": len(spec.task().labels or ()) or None}
             for spec in DATASETS.values()]
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """list_datasets() as aligned plain-text columns."""
-    cells = [["name", "kind", "licence", "splits", "labels"]]
-    cells += [[r["name"], r["kind"], r["licence"], ", ".join(f"{k} {v}" for k, v in r["splits"].items()),
-               str(r["labels"] or "-")] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
 
 
 # ---- a user's own data ---------------------------------------------------------------------------
@@ -392,9 +399,8 @@ def _load_user(cfg: DataConfig) -> Splits:
     present = set().union(*(row.keys() for row in rows))
     for column in (*inputs.values(), answer_column):
         if column not in present:
-            close = difflib.get_close_matches(column, sorted(present), n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise DataError(f"{source}: no column {column!r}; {hint}columns: {', '.join(sorted(present))}")
+            raise DataError(f"{source}: no column {column!r}{did_you_mean(column, sorted(present))}; "
+                            f"columns: {', '.join(sorted(present))}")
 
     records, seen = [], {}
     for where, row in zip(positions, rows):

@@ -64,7 +64,7 @@ class EvalResult:
     cpu_seconds: float
 
 
-def _find(exc: BaseException | None, kind: type) -> BaseException | None:
+def find_cause(exc: BaseException | None, kind: type) -> BaseException | None:
     """DSPy wraps engine errors; look through the cause chain for ours."""
     seen = set()
     while exc is not None and id(exc) not in seen:
@@ -108,12 +108,15 @@ def evaluate(program: dspy.Module, examples: list[dspy.Example], metric: Callabl
                 record.retries = int(pred.get("retries", 0) or 0)
                 record.parse_failure = bool(pred.get("parse_failures", 0))
             except Exception as exc:  # one chain's failure is a data point, not a crash
-                budget = _find(exc, BudgetExceeded)
+                budget = find_cause(exc, BudgetExceeded)
                 record.budget_exceeded = budget is not None
-                record.parse_failure = _find(exc, AdapterParseError) is not None
+                record.parse_failure = find_cause(exc, AdapterParseError) is not None
                 record.error = str(budget or exc).splitlines()[0][:300] if str(budget or exc) else type(exc).__name__
                 if budget is not None and budget.scope == "run":
                     stop.set()
+        if tally.over and not record.budget_exceeded:  # a program that caught the refusal still spent too much
+            record.success, record.budget_exceeded = False, True
+            record.error = str(BudgetExceeded(tally.label, tally.limit, tally.usage.tokens))
         record.seconds = time.perf_counter() - start
         record.usage, record.by_step = tally.usage, dict(tally.by_step)
         if on_record:

@@ -16,14 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import dspy
-import mlflow
-from mlflow.tracking import MlflowClient
 
 from optimize import tracking
 from optimize.config import ModelConfig, Trial
 from optimize.data import Task, load_splits
 from optimize.errors import ChainoptError, DataError, ModelError
-from optimize.models import describe
+from optimize.llm.models import describe
 
 MANIFEST = "manifest.json"
 PROGRAM = "program.json"
@@ -34,14 +32,7 @@ REPORTED = ("accuracy", "successes", "n", "tokens_per_success", "seconds_per_suc
 
 def export_run(run_id: str, out: Path, *, register: bool = True, uri: str | None = None) -> dict[str, Any]:
     """Write the export folder for a finished child run and register it; returns the manifest."""
-    mlflow.set_tracking_uri(tracking.tracking_uri(uri))
-    client = MlflowClient()
-    try:
-        run = client.get_run(run_id)
-    except Exception as exc:
-        raise ChainoptError(f"no MLflow run {run_id!r} in {mlflow.get_tracking_uri()}") from exc
-    if run.data.tags.get(tracking.TAG_KIND) != "child" or run.info.status != "FINISHED":
-        raise ChainoptError(f"run {run_id} is not a finished chainopt trial (status {run.info.status})")
+    run = tracking.finished_trial(run_id, uri)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ChainoptError(f"export folder {out} exists and is not empty")
@@ -49,7 +40,8 @@ def export_run(run_id: str, out: Path, *, register: bool = True, uri: str | None
         staging = Path(tmp) / "export"
         staging.mkdir()
         for name in (PROGRAM, "trial.json", "task.json"):
-            mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, dst_path=str(staging))
+            if tracking.download(run_id, name, staging) is None:
+                raise ChainoptError(f"run {run_id} has no {name}: it was not recorded completely")
         trial = Trial.model_validate_json((staging / "trial.json").read_text())
         task = json.loads((staging / "task.json").read_text())
         info = describe(trial.model.spec)
@@ -64,7 +56,7 @@ def export_run(run_id: str, out: Path, *, register: bool = True, uri: str | None
                                                                           "quantization": info.quantization,
                                                                           "size_bytes": info.size_bytes},
             "optimizer": trial.optimizer.model_dump(exclude={"teacher"}),
-            "data": {**trial.data.model_dump(), "split": trial.eval.split, "examples": len(examples)},
+            "data": data_section(trial, len(examples)),
             "metrics": {k: v for k, v in tracking.read_metrics(run).items() if k in REPORTED},
             "run_id": run_id, "experiment": trial.experiment, "config_hash": trial.config_hash(),
             "versions": {k: v for k, v in run.data.tags.items() if k.endswith(".version") or k == "git.commit"},
@@ -75,24 +67,15 @@ def export_run(run_id: str, out: Path, *, register: bool = True, uri: str | None
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(staging, out, dirs_exist_ok=True)
     if register:
-        manifest["registered"] = register_export(out, manifest)
+        manifest["registered"] = tracking.register_export(out, manifest, Path(__file__).with_name("serving.py"))
         (out / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
     return manifest
 
 
-def register_export(folder: Path, manifest: dict[str, Any]) -> dict[str, str]:
-    """Log the export as a pyfunc model (from code, no pickle) in its run and register a model version."""
-    name = f"chainopt-{manifest['experiment']}-{manifest['program']['name']}".replace(".", "-")
-    serving = Path(__file__).with_name("serving.py")
-    with mlflow.start_run(run_id=manifest["run_id"]):
-        logged = mlflow.pyfunc.log_model(name="program", python_model=str(serving),
-                                         artifacts={"export": str(folder)}, pip_requirements=[])
-    version = mlflow.register_model(logged.model_uri, name)
-    client = MlflowClient()
-    for key, value in {**manifest["metrics"], "model.sha256": manifest["model"]["sha256"],
-                       "program": manifest["program"]["name"], "run_id": manifest["run_id"]}.items():
-        client.set_model_version_tag(name, version.version, key, str(value))
-    return {"name": name, "version": str(version.version)}
+def data_section(trial: Trial, examples: int) -> dict[str, Any]:
+    """The manifest's data: the run's DataConfig as is (its `split` is the Hub split the examples came
+    from, which a KNN program's training pool is rebuilt from), the slice scored, and how many examples."""
+    return {**trial.data.model_dump(), "eval_split": trial.eval.split, "examples": examples}
 
 
 @dataclass
@@ -107,7 +90,7 @@ class Exported:
 
 def load_export(folder: Path, *, model_spec: str | None = None, force: bool = False) -> Exported:
     """Rebuild the program and check the model file is the one it was measured with (sha256)."""
-    from programs import get_program
+    from optimize.trial import build_program, get_program
 
     folder = Path(folder)
     try:
@@ -125,7 +108,7 @@ def load_export(folder: Path, *, model_spec: str | None = None, force: bool = Fa
     task = Task(**{**task_data, "input_fields": tuple(task_data["input_fields"]),
                    "labels": tuple(task_data["labels"]) if task_data.get("labels") else None})
     spec = get_program(manifest["program"]["name"])
-    program = spec.build(task, **manifest["program"]["settings"])
+    program = build_program(spec, task, manifest["program"]["settings"])
     program.load(str(folder / PROGRAM))
     if manifest["optimizer"]["name"] == "knn_fewshot":
         program = _rebuild_knn(program, task, manifest, spec.metric(task))
@@ -173,18 +156,15 @@ def read_inputs(path: Path, task: Task) -> list[dspy.Example]:
 def predict_file(folder: Path, input_path: Path, output_path: Path, *, model_spec: str | None = None,
                  force: bool = False, threads: int = 8) -> dict[str, Any]:
     """Run an exported program over a JSONL file; write one JSON line per input with its answer and record."""
-    from programs import get_program
-
-    from optimize.engine import build_lm
-    from optimize.evaluate import evaluate
-    from optimize.experiment import adapter
+    from optimize.llm.engine import build_lm
+    from optimize.trial import get_program, score
 
     exported = load_export(folder, model_spec=model_spec, force=force)
     examples = read_inputs(input_path, exported.task)
     answer = exported.task.answer_field
     metric = get_program(exported.manifest["program"]["name"]).metric(exported.task)
-    with dspy.context(lm=build_lm(exported.model), adapter=adapter()):
-        result = evaluate(exported.program, examples, metric, answer, threads=threads)
+    _, result = score(exported.program, examples, metric, exported.task, lm=build_lm(exported.model),
+                      threads=threads, label="predicting")
     records = sorted(result.records, key=lambda r: r.index)
     tmp = Path(output_path).with_suffix(".partial")
     with tmp.open("w") as handle:

@@ -15,6 +15,7 @@ import dspy
 import numpy as np
 
 from optimize.errors import ConfigError
+from optimize.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ def _knn_runtime(ctx: CompileInputs, settings: dict[str, Any]) -> dict[str, Any]
     return {"trainset": ctx.trainset, "vectorizer": vectorizer, "metric": ctx.metric}
 
 
-REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
+OPTIMIZERS: Registry[OptimizerSpec] = Registry("optimizer", {spec.name: spec for spec in [
     OptimizerSpec("none", None, "zero-shot baseline: the program as written"),
     OptimizerSpec("labeled_fewshot", "LabeledFewShot", "k labelled training examples as demos", {"k": 4},
                   compile_kwargs=lambda c: {"trainset": c.trainset, "sample": True}),
@@ -112,17 +113,11 @@ REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
                   runtime=lambda c: {"metric": c.metric, "reflection_lm": c.teacher_lm, "num_threads": c.threads,
                                      "seed": c.seed},
                   compile_kwargs=lambda c: {"trainset": c.trainset, "valset": c.valset or None}),
-]}
+]})
 
 
 def get_optimizer(name: str) -> OptimizerSpec:
-    if name not in REGISTRY:
-        import difflib
-
-        close = difflib.get_close_matches(name, REGISTRY, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"unknown optimizer {name!r}{hint}; available: {', '.join(REGISTRY)}")
-    return REGISTRY[name]
+    return OPTIMIZERS.get(name)
 
 
 def resolve_settings(spec: OptimizerSpec, settings: dict[str, Any]) -> dict[str, Any]:

@@ -16,8 +16,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import mlflow
-
 from optimize import tracking
 from optimize.cost import UNITS
 from optimize.errors import ChainoptError
@@ -46,16 +44,9 @@ def best_run(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     return min(scored, key=lambda r: (-r["accuracy"], cost(r)), default=None)
 
 
-def _artifact(run_id: str, path: str) -> Path | None:
-    try:
-        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path))
-    except Exception:  # a missing artifact (run killed before logging it) leaves its section empty
-        return None
-
-
 def program_state(run_id: str) -> list[dict[str, Any]]:
     """Each predictor's instructions, fields and demos, from the run's DSPy program.json."""
-    local = _artifact(run_id, "program.json")
+    local = tracking.download(run_id, "program.json")
     if local is None:
         return []
     state = json.loads(local.read_text(encoding="utf-8"))
@@ -67,7 +58,7 @@ def program_state(run_id: str) -> list[dict[str, Any]]:
 
 def pareto_png(parent_id: str, rows: list[dict[str, Any]], unit: str) -> bytes:
     """The plot logged with the parent run; drawn afresh for another unit or when it is missing."""
-    logged = _artifact(parent_id, "pareto.png") if unit == "seconds" else None
+    logged = tracking.download(parent_id, "pareto.png") if unit == "seconds" else None
     if logged is not None:
         return logged.read_bytes()
     with tempfile.TemporaryDirectory() as tmp:

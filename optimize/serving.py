@@ -13,14 +13,14 @@ import pandas as pd
 
 class ChainoptProgram(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from optimize.engine import build_lm
+        from optimize.llm.engine import build_lm
         from optimize.export import load_export
 
         self.exported = load_export(Path(context.artifacts["export"]))
         self.lm = build_lm(self.exported.model)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> list:
-        from optimize.experiment import adapter
+        from optimize.trial import adapter
 
         fields = self.exported.task.input_fields
         answers = []

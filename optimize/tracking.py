@@ -1,34 +1,55 @@
-"""Everything that touches MLflow: the store, parent/child runs, params, metrics, artifacts, Pareto plot.
+"""Everything that touches MLflow: the store, parent/child runs, recording a trial's outcome, break-even,
+the Pareto front and plot, artifacts for the report and export, the model registry.
 
-One parent run per experiment, one child run per sweep combination. Children carry the hash of their
-resolved config, so a re-run recognises finished work and does not recompute it.
+The only module that imports `mlflow` (besides optimize/serving.py, the pyfunc model MLflow loads).
+One parent run per experiment, one child run per sweep combination. Children carry their trial's
+identity (optimize.trial.identity), so a re-run recognises finished work and does not recompute it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import math
 import os
 import sqlite3
 import subprocess
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import mlflow
+from filelock import FileLock
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 import optimize
+from optimize import cost
 from optimize.errors import ChainoptError
+
+if TYPE_CHECKING:
+    from optimize.config import Experiment, Trial
+    from optimize.evaluate import ChainRecord
+    from optimize.trial import Outcome
 
 TAG_KIND = "chainopt.kind"  # "parent" | "child"
 TAG_HASH = "chainopt.config_hash"
 TAG_EXPERIMENT_HASH = "chainopt.experiment_hash"
 TAG_STOPPED = "chainopt.stopped"
 TAG_PARETO = "chainopt.pareto"
+
+
+@dataclass
+class TrialResult:
+    """A trial as the store holds it: its run, its metrics, and whether this run reused it."""
+
+    trial: "Trial"
+    run_id: str
+    metrics: dict[str, float]
+    reused: bool = False
+    stopped: str = ""
+    records: list["ChainRecord"] = field(default_factory=list)
 
 
 def default_uri(root: Path | None = None) -> str:
@@ -51,8 +72,8 @@ def _store_lock(uri: str) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Fails at once where the store cannot be written, not after MLflow's ~100 s of retries meant for servers.
     sqlite3.connect(path).execute("pragma user_version").connection.close()
-    with path.open("ab") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # flock: independent of the fcntl() byte locks SQLite itself takes
+    # A lock file of its own: independent of the byte-range locks SQLite takes on the store itself.
+    with FileLock(str(path) + ".lock"):
         yield
 
 
@@ -115,6 +136,113 @@ def finished_child(runs: list[Run], config_hash: str) -> Run | None:
     return None
 
 
+def mark_killed(runs: list[Run]) -> None:
+    """Runs left RUNNING by a killed process (SIGKILL gives no chance to say so) are marked KILLED."""
+    client = MlflowClient()
+    for run in runs:
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status="KILLED")
+
+
+@contextlib.contextmanager
+def parent_run(experiment_id: str, exp: "Experiment", experiment_hash: str, resume: Run | None,
+               source: Path | None) -> Iterator[str]:
+    """The experiment's parent run, new or resumed; yields its id."""
+    with mlflow.start_run(run_id=resume.info.run_id if resume else None, experiment_id=experiment_id,
+                          run_name=exp.name, tags={TAG_KIND: "parent", TAG_EXPERIMENT_HASH: experiment_hash,
+                                                   **versions()}) as run:
+        if resume is None:
+            mlflow.log_dict(exp.model_dump(mode="json"), "experiment.json")
+            if source is not None:
+                mlflow.log_text(source.read_text(encoding="utf-8"), f"config/{source.name}")
+        yield run.info.run_id
+
+
+@contextlib.contextmanager
+def child_run(experiment_id: str, name: str, identity: str) -> Iterator[str]:
+    """A child run for one trial, nested in the active parent; FAILED if the block raises."""
+    with mlflow.start_run(run_name=name, nested=True, experiment_id=experiment_id,
+                          tags={TAG_KIND: "child", TAG_HASH: identity, **versions()}) as run:
+        yield run.info.run_id
+
+
+def record_trial(outcome: "Outcome") -> None:
+    """Write one trial's outcome into the active child run."""
+    log_params(outcome.params)
+    log_metrics(outcome.metrics)
+    log_table([r.row() for r in outcome.records], "predictions.json")
+    if outcome.program_state is not None:
+        mlflow.log_dict(outcome.program_state, "program.json")
+    for name, value in outcome.artifacts.items():
+        mlflow.log_dict(value, name)
+    if outcome.stopped:
+        mlflow.set_tag(TAG_STOPPED, outcome.stopped)
+
+
+def log_break_even(result: TrialResult, results: list[TrialResult]) -> dict[str, float]:
+    """Queries until `result`'s compile is repaid by its lower cost per success against the zero-shot run of
+    the same model, program and seed; logged to its run and returned ({} when it has no such baseline)."""
+    t = result.trial
+    base = next((o for o in results if o.trial.optimizer.name == "none"
+                 and (o.trial.model, o.trial.program, o.trial.seed) == (t.model, t.program, t.seed)), None)
+    if base is None or base is result:
+        return {}
+    values = {f"break_even_queries_{unit}": cost.break_even(result.metrics.get(f"compile_{unit}", 0.0),
+                                                            base.metrics.get(f"{unit}_per_success", math.inf),
+                                                            result.metrics.get(f"{unit}_per_success", math.inf))
+              for unit in cost.UNITS}
+    client = MlflowClient()
+    for key, value in values.items():
+        client.log_metric(result.run_id, key, value)
+    return values
+
+
+def mark_pareto(experiment_id: str, parent_id: str) -> None:
+    """Tag each child on or off the Pareto front, and log the plot with the parent."""
+    rows = child_rows(experiment_id, parent_id)
+    client = MlflowClient()
+    for row in rows:
+        client.set_tag(row["run_id"], TAG_PARETO, str(row["pareto"]).lower())
+    with tempfile.TemporaryDirectory() as tmp:
+        client.log_artifact(parent_id, str(pareto_plot(rows, Path(tmp) / "pareto.png")))
+
+
+def download(run_id: str, path: str, dst: Path | None = None) -> Path | None:
+    """A run's artifact as a local file, or None when the run never logged it (killed before it could)."""
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path,
+                                                        dst_path=str(dst) if dst else None))
+    except Exception:
+        return None
+
+
+def finished_trial(run_id: str, uri: str | None = None) -> Run:
+    """A finished child run, for export; ChainoptError naming the run and the store otherwise."""
+    mlflow.set_tracking_uri(tracking_uri(uri))
+    try:
+        run = MlflowClient().get_run(run_id)
+    except Exception as exc:
+        raise ChainoptError(f"no MLflow run {run_id!r} in {mlflow.get_tracking_uri()}") from exc
+    if run.data.tags.get(TAG_KIND) != "child" or run.info.status != "FINISHED":
+        raise ChainoptError(f"run {run_id} is not a finished chainopt trial (status {run.info.status})")
+    return run
+
+
+def register_export(folder: Path, manifest: dict[str, Any], serving: Path) -> dict[str, str]:
+    """Log an export as a pyfunc model (from code, no pickle) in its run and register a model version,
+    its metrics as tags."""
+    name = f"chainopt-{manifest['experiment']}-{manifest['program']['name']}".replace(".", "-")
+    with mlflow.start_run(run_id=manifest["run_id"]):
+        logged = mlflow.pyfunc.log_model(name="program", python_model=str(serving),
+                                         artifacts={"export": str(folder)}, pip_requirements=[])
+    version = mlflow.register_model(logged.model_uri, name)
+    client = MlflowClient()
+    for key, value in {**manifest["metrics"], "model.sha256": manifest["model"]["sha256"],
+                       "program": manifest["program"]["name"], "run_id": manifest["run_id"]}.items():
+        client.set_model_version_tag(name, version.version, key, str(value))
+    return {"name": name, "version": str(version.version)}
+
+
 def log_params(params: dict[str, Any]) -> None:
     """MLflow params are strings of at most 6000 chars; log in batches."""
     items = {k: (json.dumps(v) if isinstance(v, (dict, list)) else str(v))[:6000] for k, v in params.items()}
@@ -135,24 +263,12 @@ def read_metrics(run: Run) -> dict[str, float]:
     return {k: (math.inf if v >= 1.7e308 else -math.inf if v <= -1.7e308 else v) for k, v in run.data.metrics.items()}
 
 
-def log_json(obj: Any, artifact_file: str) -> None:
-    mlflow.log_dict(obj, artifact_file)
-
-
 def log_table(rows: list[dict[str, Any]], artifact_file: str) -> None:
     if rows:
         import pandas as pd
 
         frame = pd.DataFrame([{k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in r.items()} for r in rows])
         mlflow.log_table(frame, artifact_file=artifact_file)
-
-
-def log_program(program, artifact_file: str = "program.json") -> None:
-    """The compiled program's DSPy JSON state (never a pickle)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / Path(artifact_file).name
-        program.save(str(path))
-        mlflow.log_artifact(str(path), artifact_path=str(Path(artifact_file).parent) if "/" in artifact_file else None)
 
 
 def pareto_front(points: list[tuple[str, float, float]]) -> set[str]:
@@ -176,8 +292,11 @@ def child_rows(experiment_id: str, parent_id: str, cost_metric: str = "seconds_p
                      "accuracy": m.get("accuracy"), "cost": m.get(cost_metric), "metrics": m,
                      "stopped": run.data.tags.get(TAG_STOPPED, "")})
     # A run with no success has no cost per success to trade against accuracy: it is never on the front.
+    # Nor is a run answered partly from DSPy's response cache: its tokens are replayed, but its time (and so
+    # its joules and dollars) is not what computing the answers takes.
     scored = [(r["run_id"], r["accuracy"], r["cost"]) for r in rows
-              if r["accuracy"] is not None and r["cost"] is not None and math.isfinite(r["cost"])]
+              if r["accuracy"] is not None and r["cost"] is not None and math.isfinite(r["cost"])
+              and not r["metrics"].get("cache_hits")]
     front = pareto_front(scored)
     for r in rows:
         r["pareto"] = r["run_id"] in front

@@ -1,18 +1,13 @@
-"""Registered DSPy programs: `get_program(name).build(task)` gives a module, `.metric(task)` its metric.
+"""Registered DSPy programs: `PROGRAMS[name].build(task)` gives a module, `.metric(task)` its metric.
 
 Each program returns a `dspy.Prediction` with the task's answer field and a per-example record:
 `steps` (LM calls), `validator_failures`, `retries` and `trace_notes` (what the validators found).
 """
 
 from programs import intent, math
-from programs.registry import ProgramSpec, TaskLike, lookup
+from programs.registry import ProgramSpec, TaskLike
 
 PROGRAMS: dict[str, ProgramSpec] = {spec.name: spec for spec in (*intent.SPECS, *math.SPECS)}
-
-
-def get_program(name: str) -> ProgramSpec:
-    """The program called `name`; ConfigError with "did you mean …? available: …" on a miss."""
-    return lookup(name, PROGRAMS)
 
 
 def list_programs(kind: str | None = None) -> list[ProgramSpec]:
@@ -20,4 +15,4 @@ def list_programs(kind: str | None = None) -> list[ProgramSpec]:
     return [spec for name, spec in sorted(PROGRAMS.items()) if kind is None or spec.kind == kind]
 
 
-__all__ = ["PROGRAMS", "ProgramSpec", "TaskLike", "get_program", "list_programs"]
+__all__ = ["PROGRAMS", "ProgramSpec", "TaskLike", "list_programs"]

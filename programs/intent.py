@@ -6,7 +6,7 @@ from typing import Any, Literal, Sequence
 
 import dspy
 
-from optimize.cost import step
+from programs.contract import step
 from programs.metrics import LabelMatch
 from programs.registry import ProgramSpec, Record, TaskLike, UnreadableOutput, ask
 from programs.validators import LabelError, check_label, normalize_label

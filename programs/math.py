@@ -7,7 +7,7 @@ from typing import Any
 import dspy
 import pydantic
 
-from optimize.cost import step
+from programs.contract import step
 from programs.metrics import NumericMatch
 from programs.registry import ProgramSpec, Record, TaskLike, UnreadableOutput, ask
 from programs.validators import CalculatorError, Number, evaluate_steps, format_number, parse_number

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping, Protocol
@@ -10,7 +9,7 @@ from typing import Any, Callable, Literal, Mapping, Protocol
 import dspy
 from dspy.utils.exceptions import AdapterParseError
 
-from optimize.errors import ConfigError
+from programs.contract import ProgramError
 
 TaskKind = Literal["intent", "math", "qa"]
 Metric = Callable[..., Any]  # metric(gold, pred, trace=None, pred_name=None, pred_trace=None)
@@ -38,18 +37,18 @@ class ProgramSpec:
     settings: Mapping[str, int] = field(default_factory=dict)  # allowed settings and their defaults
 
     def build(self, task: TaskLike, **settings: Any) -> dspy.Module:
-        """A fresh module for `task`; unknown or invalid settings raise ConfigError naming what is allowed."""
+        """A fresh module for `task`; unknown or invalid settings raise ProgramError naming what is allowed."""
         if task.kind != self.kind:
-            raise ConfigError(f"program {self.name} is for {self.kind} tasks, but task {task.name} is {task.kind}")
+            raise ProgramError(f"program {self.name} is for {self.kind} tasks, but task {task.name} is {task.kind}")
         if self.kind == "intent" and not task.labels:
-            raise ConfigError(f"program {self.name} needs the label set of task {task.name}, which has none")
+            raise ProgramError(f"program {self.name} needs the label set of task {task.name}, which has none")
         unknown = sorted(set(settings) - set(self.settings))
         if unknown:
             allowed = ", ".join(self.settings) or "none"
-            raise ConfigError(f"program {self.name} has no setting {', '.join(unknown)}; allowed: {allowed}")
+            raise ProgramError(f"program {self.name} has no setting {', '.join(unknown)}; allowed: {allowed}")
         for key, value in settings.items():
             if type(value) is not int or value < 0:
-                raise ConfigError(f"program setting {key} must be a whole number >= 0, got {value!r}")
+                raise ProgramError(f"program setting {key} must be a whole number >= 0, got {value!r}")
         return self.builder(task, **{**self.settings, **settings})
 
     def metric(self, task: TaskLike) -> Metric:
@@ -84,15 +83,6 @@ class Record:
             parse_failures=self.parse_failures,
             trace_notes=list(self.trace_notes),
         )
-
-
-def lookup(name: str, table: Mapping[str, ProgramSpec]) -> ProgramSpec:
-    """The spec called `name`; ConfigError with "did you mean …? available: …" on a miss."""
-    if name in table:
-        return table[name]
-    close = difflib.get_close_matches(name, list(table), n=3, cutoff=0.5)
-    hint = f"did you mean {' or '.join(close)}? " if close else ""
-    raise ConfigError(f"unknown program {name!r}; {hint}available: {', '.join(sorted(table))}")
 
 
 class UnreadableOutput(ValueError):

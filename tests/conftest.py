@@ -25,7 +25,7 @@ def root() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm_info():
-    from optimize.models import describe
+    from optimize.llm.models import describe
 
     return describe("smollm2-135m")
 
@@ -34,7 +34,7 @@ def smollm_info():
 def sequential_lm():
     """One real engine for the session: the embedded model, sequential backend, no response cache."""
     from optimize.config import ModelConfig
-    from optimize.engine import build_lm
+    from optimize.llm.engine import build_lm
 
     return build_lm(ModelConfig(engine="sequential", cache=False, max_tokens=48, n_ctx=2048))
 

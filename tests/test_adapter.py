@@ -5,7 +5,7 @@ from typing import Literal
 import dspy
 from dspy.utils.dummies import DummyLM
 
-from optimize.adapter import CacheFriendlyAdapter
+from optimize.llm.adapter import CacheFriendlyAdapter
 
 
 class Pick(dspy.Signature):

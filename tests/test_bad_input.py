@@ -112,7 +112,7 @@ BROKEN_CONFIGS = [
     ("unknown eval split", BASE + '[eval]\nsplit = "validation"\n', ["eval.split", "'validation'", "'test'"]),
     ("invalid TOML", BASE + "[data\n", ["invalid TOML"]),
     ("nonexistent program", BASE.replace('name = "intent.predict"', 'name = "intent.predikt"'),
-     ["unknown program 'intent.predikt'", "did you mean intent.predict", "available:"]),
+     ["unknown program 'intent.predikt'", "did you mean 'intent.predict'", "available:"]),
     ("nonexistent optimizer", BASE.replace('name = "none"', 'name = "mipro"'),
      ["unknown optimizer 'mipro'", "available:"]),
     ("nonexistent dataset", BASE.replace('dataset = "banking77"', 'dataset = "banking78"'),

@@ -11,10 +11,12 @@ import pytest
 from dspy import lm15
 
 from optimize import cost
-from optimize.adapter import CacheFriendlyAdapter
-from optimize.batching import BatchedBackend
+from optimize.llm.adapter import CacheFriendlyAdapter
+from optimize.llm.batched import BatchedBackend
 from optimize.config import ModelConfig
-from optimize.engine import Generation, LlamaEngine, SequentialBackend, final_choice, load_llama, schema_grammar
+from optimize.llm.engine import LlamaEngine, load_llama, schema_grammar
+from optimize.llm.sequential import SequentialBackend
+from optimize.llm.types import Generation, final_choice
 from optimize.errors import ModelError
 
 pytestmark = pytest.mark.model

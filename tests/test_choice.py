@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from optimize.engine import final_choice, settle_choice
+from optimize.llm.types import final_choice, settle_choice
 
 LABELS = ("card_arrival", "card_linking", "change_pin", "card")
 

@@ -6,6 +6,7 @@ import threading
 import pytest
 
 from optimize import cost
+from programs.contract import step
 from optimize.errors import BudgetExceeded
 
 
@@ -23,7 +24,9 @@ def test_per_success(total, successes, expected):
     (100.0, 3.0, 1.0, 50.0),        # saves 2 per success: repaid after 50 successful queries
     (100.0, 1.0, 3.0, math.inf),    # more expensive per success: never repaid
     (100.0, 2.0, 2.0, math.inf),    # no saving
-    (0.0, 2.0, 3.0, 0.0),           # nothing to repay
+    (0.0, 2.0, 3.0, math.inf),      # free to compile, but dearer per success: never repaid (was 0, "at once")
+    (0.0, 2.0, 2.0, math.inf),      # free to compile, no saving: never
+    (0.0, 3.0, 2.0, 0.0),           # free to compile and cheaper: repaid at once
     (100.0, math.inf, 5.0, 0.0),    # the baseline never succeeds: any success is a saving
     (100.0, 5.0, math.inf, math.inf),
 ])
@@ -68,7 +71,7 @@ def test_percentile(values, q, expected):
 
 def test_metering_scopes_nest_and_label_steps():
     with cost.metered("outer") as outer:
-        with cost.metered("inner") as inner, cost.step("plan"):
+        with cost.metered("inner") as inner, step("plan"):
             cost.record(cost.Usage(10, 5, 2, 1, 0.1))
         cost.record(cost.Usage(1, 0, 1, 1, 0.1))
     assert inner.usage.tokens == 17 and outer.usage.tokens == 19
@@ -89,6 +92,30 @@ def test_budget_check_raises_at_ceiling():
         cost.record(cost.Usage(input_computed=10))
         with pytest.raises(BudgetExceeded, match="chain token budget reached: 10 of 10"):
             cost.check_budgets()
+
+
+def test_a_call_that_crosses_the_ceiling_is_counted_and_refused():
+    # The ceiling holds after the call too: a chain at 8 of 10 whose next call spends 5 ends over budget,
+    # with those 5 tokens counted. Checked only before each call, it used to pass at 13 of 10.
+    with cost.metered("chain", limit=10) as chain:
+        cost.record(cost.Usage(input_computed=8))
+        cost.check_budgets()
+        with pytest.raises(BudgetExceeded, match="chain token budget reached: 13 of 10"):
+            cost.record(cost.Usage(input_computed=5))
+    assert chain.usage.tokens == 13 and chain.over
+
+
+def test_a_call_that_ends_exactly_at_the_ceiling_is_allowed():
+    with cost.metered("chain", limit=10) as chain:
+        cost.record(cost.Usage(input_computed=10))
+    assert not chain.over
+
+
+def test_the_engine_reports_every_call_to_the_meter():
+    # cost registers itself with the inference layer on import: no scope of this module is ever left unmetered.
+    from optimize.llm.types import observers
+
+    assert any(o.after is cost.record and o.before is cost.check_budgets for o in observers())
 
 
 def test_spending_estimates_energy_without_rapl(monkeypatch):

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from optimize.config import DataConfig
-from optimize.data import DATA_DIR, DATASETS, format_table, list_datasets, load_raw, load_splits, number_text
+from optimize.data import DATA_DIR, DATASETS, list_datasets, load_raw, load_splits, number_text
 from optimize.errors import DataError
 
 
@@ -103,9 +103,6 @@ def test_list_datasets_and_table():
     assert rows["gsm8k"]["splits"] == {"train": 7473, "test": 1319}
     assert rows["banking77"]["kind"] == "intent" and rows["banking77"]["labels"] == 77
     assert rows["svamp"]["licence"] == "MIT"
-    table = format_table(list(rows.values()))
-    assert table.splitlines()[0].split() == ["name", "kind", "licence", "splits", "labels"]
-    assert "train 10003, test 3080" in table
 
 
 # ---- seeded splits -------------------------------------------------------------------------------
@@ -149,7 +146,7 @@ def test_asking_for_too_many_examples(cfg, words):
 
 
 def test_unknown_dataset_suggests():
-    with pytest.raises(DataError, match=r"did you mean 'gsm8k'\? available: banking77"):
+    with pytest.raises(DataError, match=r"did you mean 'gsm8k'\?\); available: banking77"):
         load_splits(DataConfig(dataset="gsm8"))
 
 
@@ -263,7 +260,7 @@ def test_empty_file(tmp_path, name, content):
 def test_mapping_to_a_missing_column(tmp_path):
     path = _jsonl(tmp_path, [json.dumps(r) for r in ROWS])
     cfg = _cfg(path).model_copy(update={"inputs": {"question": "promt"}})
-    with pytest.raises(DataError, match=r"no column 'promt'; did you mean 'prompt'\? columns: gold, id, prompt"):
+    with pytest.raises(DataError, match=r"no column 'promt' \(did you mean 'prompt'\?\); columns: gold, id, prompt"):
         load_splits(cfg)
 
 

@@ -8,7 +8,7 @@ from dspy.utils.exceptions import ContextWindowExceededError
 
 from optimize import cost
 from optimize.config import ModelConfig
-from optimize.engine import build_lm
+from optimize.llm.engine import build_lm
 
 pytestmark = pytest.mark.model
 
@@ -118,3 +118,22 @@ def test_chain_budget_stops_the_chain(sequential_lm):
     from optimize.evaluate import _find
 
     assert isinstance(_find(info.value, BudgetExceeded), BudgetExceeded)
+
+
+def test_an_answer_from_the_response_cache_replays_the_usage_it_was_computed_with():
+    # A call DSPy's cache answers never reaches the engine. Before, it was metered as nothing, so a
+    # re-run served from the cache looked free; now its recorded usage is replayed and marked cached.
+    import uuid
+
+    lm = build_lm(ModelConfig(engine="sequential", cache=True, max_tokens=16, n_ctx=2048))
+    sentence = f"The {uuid.uuid4().hex[:8]} balloon is red."  # a prompt no earlier test asked
+    with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
+        with cost.metered() as computed:
+            first = dspy.Predict(Pick)(sentence=sentence)
+        with cost.metered() as replayed:
+            second = dspy.Predict(Pick)(sentence=sentence)
+    assert first.colour == second.colour
+    assert (computed.usage.calls, computed.usage.cached) == (1, 0)
+    assert (replayed.usage.calls, replayed.usage.cached) == (1, 1)
+    assert replayed.usage.tokens == computed.usage.tokens > 0
+    assert replayed.usage.input_computed == computed.usage.input_computed

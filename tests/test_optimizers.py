@@ -14,8 +14,8 @@ from dspy.lm15 import Message, Response, TextPart, Usage
 from optimize.config import DataConfig
 from optimize.data import load_splits
 from optimize.errors import ConfigError
-from optimize.optimizers import REGISTRY, CompileInputs, compile_program, get_optimizer, resolve_settings, trajectory
-from programs import get_program
+from optimize.optimizers import OPTIMIZERS, CompileInputs, compile_program, get_optimizer, resolve_settings, trajectory
+from optimize.trial import get_program
 
 
 def fake_value(schema: dict, defs: dict):
@@ -62,7 +62,7 @@ def splits():
     return load_splits(DataConfig(dataset="banking77", train=8, dev=4, test=2, seed=0))
 
 
-@pytest.mark.parametrize("name", sorted(REGISTRY))
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_optimizer_compiles_intent_program(name, splits):
     engine = SchemaEngine()
     lm = dspy.LM("fake/schema", engine=engine, cache=False, temperature=0.0)

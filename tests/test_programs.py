@@ -10,7 +10,9 @@ from dspy.utils.dummies import DummyLM
 from optimize import cost
 from optimize.data import Task
 from optimize.errors import ConfigError
-from programs import get_program, list_programs
+from optimize.trial import build_program, get_program
+from programs import list_programs
+from programs.contract import ProgramError
 from programs.intent import OTHER_GROUP, derive_groups
 from programs.metrics import LabelMatch, NumericMatch
 
@@ -57,21 +59,24 @@ def test_registry_lists_the_six_programs():
 
 
 def test_unknown_program_suggests_names():
-    with pytest.raises(ConfigError, match=r"did you mean intent\.chain.*available: intent\.chain, intent\.cot"):
+    with pytest.raises(ConfigError, match=r"did you mean 'intent\.chain'.*available: intent\.predict"):
         get_program("intent.chian")
 
 
 def test_build_rejects_wrong_task_kind_and_settings():
-    with pytest.raises(ConfigError, match="is for intent tasks"):
+    with pytest.raises(ProgramError, match="is for intent tasks"):
         get_program("intent.predict").build(MATH)
-    with pytest.raises(ConfigError, match="no setting max_retrys; allowed: max_retries"):
+    with pytest.raises(ProgramError, match="no setting max_retrys; allowed: max_retries"):
         get_program("math.chain").build(MATH, max_retrys=3)
-    with pytest.raises(ConfigError, match="no setting max_retries; allowed: none"):
+    with pytest.raises(ProgramError, match="no setting max_retries; allowed: none"):
         get_program("math.predict").build(MATH, max_retries=3)
-    with pytest.raises(ConfigError, match="whole number"):
+    with pytest.raises(ProgramError, match="whole number"):
         get_program("math.chain").build(MATH, max_retries=-1)
-    with pytest.raises(ConfigError, match="label set"):
+    with pytest.raises(ProgramError, match="label set"):
         get_program("intent.chain").build(Task("t", "intent", ("query",), "intent", None))
+    # The pipeline shows a program's refusal as the user's configuration error, one line.
+    with pytest.raises(ConfigError, match="no setting max_retrys"):
+        build_program(get_program("math.chain"), MATH, {"max_retrys": 3})
 
 
 # ---------------------------------------------------------------- every program

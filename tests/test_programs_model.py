@@ -5,9 +5,9 @@ import pytest
 
 from optimize.config import DataConfig, ModelConfig
 from optimize.data import load_splits
-from optimize.engine import build_lm
+from optimize.llm.engine import build_lm
 from optimize.evaluate import evaluate
-from optimize.experiment import adapter
+from optimize.trial import adapter
 from programs import list_programs
 
 pytestmark = pytest.mark.model

@@ -65,10 +65,10 @@ amounts = st.one_of(st.just(0.0), st.floats(1e-6, 1e9))  # real costs, not subno
 def test_break_even(compile_cost, baseline, optimized):
     value = cost.break_even(compile_cost, baseline, optimized)
     assert value >= 0
-    if compile_cost == 0:
+    if optimized >= baseline:
+        assert math.isinf(value)  # never repaid, whatever the compile cost
+    elif compile_cost == 0:
         assert value == 0
-    elif optimized >= baseline:
-        assert math.isinf(value)  # never repaid
     else:
         assert math.isclose(value * (baseline - optimized), compile_cost, rel_tol=1e-9)
     assert math.isinf(cost.break_even(1.0, math.inf, math.inf))  # neither succeeds: never

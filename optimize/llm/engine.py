@@ -6,7 +6,7 @@ answers always parse), counts exact usage (input tokens computed vs reused from 
 tokens, seconds) and hands the actual decoding to a backend:
 
   sequential  one llama.cpp context behind a lock; reuses the longest common prefix with the previous call
-  batched     many sequences decoded together with prefix sharing (optimize.batching)
+  batched     many sequences decoded together with prefix sharing (optimize.llm.batched)
 """
 
 from __future__ import annotations
@@ -17,52 +17,21 @@ import functools
 import itertools
 import json
 import os
-import re
 import signal
 import threading
 import time
-from dataclasses import dataclass
-from typing import Iterator, Literal, Protocol
+from typing import Iterator
 
 import dspy
 from dspy import lm15
-from dspy.lm15 import Message, Response, TextPart, Usage
+from dspy.lm15 import Message, Response, TextPart
 
-from optimize import cost
-from optimize.config import ModelConfig
 from optimize.errors import ModelError
-from optimize.models import ModelInfo, describe
-
-
-@dataclass(frozen=True)
-class Generation:
-    """One completion job, independent of how a backend decodes it."""
-
-    tokens: tuple[int, ...]
-    max_tokens: int
-    temperature: float = 0.0
-    seed: int = 0
-    grammar: str | None = None  # GBNF text
-    top_p: float = 1.0
-    top_k: int = 0
-    # The answer's last field when it is a choice from a fixed set: (field name, choices). A backend may
-    # stop decoding once one choice alone fits, the rest being forced by the grammar (see settle_choice).
-    choice: tuple[str, tuple[str, ...]] | None = None
-
-
-@dataclass(frozen=True)
-class Completion:
-    text: str
-    n_prompt: int
-    n_reused: int
-    n_output: int
-    finish_reason: Literal["stop", "length"]
-
-
-class Backend(Protocol):
-    def generate(self, job: Generation) -> Completion: ...
-
-    def close(self) -> None: ...
+from optimize.llm.batched import BatchedBackend
+from optimize.llm.models import ModelInfo, describe
+from optimize.llm.sequential import SequentialBackend
+from optimize.llm.settings import ModelConfig
+from optimize.llm.types import Backend, Generation, Usage, final_choice, observers
 
 
 @contextlib.contextmanager
@@ -96,37 +65,6 @@ def load_llama(info: ModelInfo, cfg: ModelConfig, **extra):
         raise ModelError(f"llama.cpp cannot load {info.path}: {exc}") from exc
 
 
-_PLAIN = re.compile(r'[^"\\\x00-\x1f\x7f-\uffff]*')  # a choice JSON writes as is (no escapes)
-
-
-def final_choice(schema: dict) -> tuple[str, tuple[str, ...]] | None:
-    """(field, choices) when the schema's last property is a required string enum of plain choices: the
-    field JSON decoding writes last, whose value the grammar forces once its start fits one choice."""
-    props = schema.get("properties") or {}
-    if schema.get("type", "object") != "object" or not props:
-        return None
-    field, spec = list(props.items())[-1]
-    choices = spec.get("enum")
-    if (field not in schema.get("required", ()) or not choices or not _PLAIN.fullmatch(field)
-            or not all(isinstance(c, str) and _PLAIN.fullmatch(c) for c in choices)):
-        return None
-    return field, tuple(choices)
-
-
-def settle_choice(text: str, field: str, choices: tuple[str, ...]) -> str | None:
-    """What completes `text`, a JSON answer decoded under the grammar, once it is inside the last field's
-    value and only one choice starts with what was decoded of it: the rest of that choice and the
-    closing brace (the grammar allows nothing else but whitespace). None while two choices still fit.
-
-    Decoding the rest token by token would give the same value: at temperature 0 this is exact."""
-    match = re.search(rf'(?<!\\)"{re.escape(field)}"\s*:\s*"([^"\\]*)$', text)
-    if match is None:
-        return None
-    partial = match.group(1)
-    fits = [c for c in choices if c.startswith(partial)]
-    return fits[0][len(partial):] + '"}' if len(fits) == 1 else None
-
-
 def chat_formatter(llama):
     """The model's own chat template (ChatML when the GGUF carries none), as llama.cpp renders it."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -144,43 +82,6 @@ def schema_grammar(schema_json: str) -> str:
     return json_schema_to_gbnf(schema_json)
 
 
-class SequentialBackend:
-    """One context, one call at a time: the simple path, and the reference the batched one must match."""
-
-    def __init__(self, llama):
-        self.llama = llama
-        self.lock = threading.Lock()
-
-    def _reusable_prefix(self, tokens: list[int]) -> int:
-        # Mirrors Llama.generate: the longest common prefix with what the context holds is kept,
-        # except that the last prompt token is recomputed to refresh the logits.
-        held = self.llama._input_ids[: self.llama.n_tokens]
-        lcp = 0
-        for a, b in zip(held, tokens):
-            if a != b:
-                break
-            lcp += 1
-        return lcp - 1 if lcp == len(tokens) else lcp
-
-    def generate(self, job: Generation) -> Completion:
-        from llama_cpp.llama_grammar import LlamaGrammar
-
-        grammar = LlamaGrammar.from_string(job.grammar, verbose=False) if job.grammar else None
-        tokens = list(job.tokens)
-        with self.lock:
-            reused = max(0, self._reusable_prefix(tokens))
-            out = self.llama.create_completion(
-                prompt=tokens, max_tokens=job.max_tokens, temperature=job.temperature, seed=job.seed,
-                top_p=job.top_p, top_k=job.top_k, min_p=0.0, repeat_penalty=1.0, grammar=grammar)
-        choice = out["choices"][0]
-        return Completion(text=choice["text"], n_prompt=len(tokens), n_reused=reused,
-                          n_output=out["usage"]["completion_tokens"],
-                          finish_reason="length" if choice["finish_reason"] == "length" else "stop")
-
-    def close(self) -> None:
-        self.llama.close()
-
-
 class LlamaEngine:
     """A DSPy engine over a local GGUF model. Thread-safe: DSPy's Evaluate and optimizers call it from threads."""
 
@@ -194,13 +95,11 @@ class LlamaEngine:
         self.formatter = chat_formatter(self.llama)
         self._sample_seeds = itertools.count(cfg.seed + 1)
         self._seed_lock = threading.Lock()
-        self.totals = cost.Usage()
+        self.totals = Usage()
         self._totals_lock = threading.Lock()
 
     def _default_backend(self) -> Backend:
         if self.cfg.engine == "batched":
-            from optimize.batching import BatchedBackend
-
             return BatchedBackend(self.llama, parallel=self.cfg.parallel, kv_budget=self.cfg.kv_cache_mb * 10**6)
         return SequentialBackend(self.llama)
 
@@ -242,7 +141,9 @@ class LlamaEngine:
 
     # -- the engine contract ----------------------------------------------------------------------
     def complete(self, request: lm15.Request) -> Response:
-        cost.check_budgets()
+        watching = observers()
+        for observer in watching:
+            observer.before()
         conf = request.config
         temperature = self.cfg.temperature if conf.temperature is None else conf.temperature
         grammar, choice = None, None
@@ -259,15 +160,17 @@ class LlamaEngine:
                          choice=choice)
         start = time.perf_counter()
         done = self.backend.generate(job)
-        call = cost.Usage(input_computed=done.n_prompt - done.n_reused, input_reused=done.n_reused,
+        call = Usage(input_computed=done.n_prompt - done.n_reused, input_reused=done.n_reused,
                           output=done.n_output, calls=1, seconds=time.perf_counter() - start)
         with self._totals_lock:
             self.totals = self.totals + call
-        cost.record(call)
+        for observer in watching:
+            observer.after(call)
         return Response(id=None, model=request.model, message=Message.assistant([TextPart(done.text)]),
                         finish_reason=done.finish_reason,
-                        usage=Usage(input_tokens=done.n_prompt, output_tokens=done.n_output,
-                                    cache_read_tokens=done.n_reused))
+                        usage=lm15.Usage(input_tokens=done.n_prompt, output_tokens=done.n_output,
+                                         cache_read_tokens=done.n_reused),
+                        provider_data={USAGE_KEY: call.as_dict()})
 
     def stream(self, request: lm15.Request) -> Iterator:
         return lm15.response_to_events(self.complete(request))
@@ -302,10 +205,28 @@ def get_engine(cfg: ModelConfig) -> LlamaEngine:
         return _engines[key]
 
 
+USAGE_KEY = "chainopt.usage"  # the call's Usage, kept with the answer in DSPy's response cache
+
+
+class LocalLM(dspy.LM):
+    """dspy.LM on the engine. A call that DSPy's response cache answers never reaches the engine, so it is
+    reported here: the usage recorded with the cached answer is replayed to the observers, marked `cached`,
+    so that a run served from the cache costs what the run that computed the answer paid, not nothing."""
+
+    def update_history(self, entry: dict) -> None:
+        response = entry.get("response")
+        # DSPy drops the usage of a call it served from its cache (a computed call always has some).
+        if not entry.get("usage") and isinstance(response, Response) and USAGE_KEY in (response.provider_data or {}):
+            replayed = Usage(**{**response.provider_data[USAGE_KEY], "cached": 1})
+            for observer in observers():
+                observer.after(replayed)
+        super().update_history(entry)
+
+
 def build_lm(cfg: ModelConfig) -> dspy.LM:
     """A dspy.LM on the local model. The model name carries the file's sha256, so DSPy's cache never
     mixes answers of two different model files."""
     engine = get_engine(cfg)
     name = f"llamacpp/{engine.info.name}@{engine.info.sha256[:16]}"
-    return dspy.LM(name, engine=engine, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
+    return LocalLM(name, engine=engine, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
                    cache=cfg.cache, num_retries=0)

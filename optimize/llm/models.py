@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from optimize.errors import ModelError
+from optimize.registry import Registry, did_you_mean
 
 DEFAULT_MODEL = "smollm2-135m"
 GGUF_MAGIC = b"GGUF"
@@ -92,7 +93,8 @@ def _hub(spec: str) -> Path:
         raise ModelError(f"cannot fetch {spec!r} from the Hugging Face Hub (offline or not found): {reason}") from exc
 
 
-EMBEDDED: dict[str, Callable[[], Path]] = {"smollm2-135m": _smollm2, "gemma3-270m": _gemma3}
+EMBEDDED: Registry[Callable[[], Path]] = Registry("model", {"smollm2-135m": _smollm2, "gemma3-270m": _gemma3},
+                                                  ModelError)
 
 
 def resolve_path(spec: str) -> Path:
@@ -103,8 +105,8 @@ def resolve_path(spec: str) -> Path:
         return _hub(spec)
     path = Path(spec).expanduser()
     if path.suffix != ".gguf" and not path.exists():
-        known = ", ".join(sorted(EMBEDDED))
-        raise ModelError(f"unknown model {spec!r}: use one of {known}, a path to a .gguf file, or hf:<repo>/<file.gguf>")
+        raise ModelError(f"unknown model {spec!r}{did_you_mean(spec, EMBEDDED)}: use one of "
+                         f"{', '.join(EMBEDDED)}, a path to a .gguf file, or hf:<repo>/<file.gguf>")
     if not path.is_file():
         raise ModelError(f"model file not found: {path}")
     return path

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from dspy import lm15
 
-from optimize.engine import Completion, Generation, settle_choice
+from optimize.llm.types import Completion, Generation, settle_choice
 from optimize.errors import ModelError
 
 WAIT_FOR_SHARED = 64  # wait for a prompt in flight when it will share this many more tokens than the cache

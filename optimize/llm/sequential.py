@@ -1,0 +1,47 @@
+"""The sequential backend: one llama.cpp context, one call at a time.
+
+The simple path, and the reference whose answers the batched backend must reproduce.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from optimize.llm.types import Completion, Generation
+
+
+class SequentialBackend:
+    """One context, one call at a time: the simple path, and the reference the batched one must match."""
+
+    def __init__(self, llama):
+        self.llama = llama
+        self.lock = threading.Lock()
+
+    def _reusable_prefix(self, tokens: list[int]) -> int:
+        # Mirrors Llama.generate: the longest common prefix with what the context holds is kept,
+        # except that the last prompt token is recomputed to refresh the logits.
+        held = self.llama._input_ids[: self.llama.n_tokens]
+        lcp = 0
+        for a, b in zip(held, tokens):
+            if a != b:
+                break
+            lcp += 1
+        return lcp - 1 if lcp == len(tokens) else lcp
+
+    def generate(self, job: Generation) -> Completion:
+        from llama_cpp.llama_grammar import LlamaGrammar
+
+        grammar = LlamaGrammar.from_string(job.grammar, verbose=False) if job.grammar else None
+        tokens = list(job.tokens)
+        with self.lock:
+            reused = max(0, self._reusable_prefix(tokens))
+            out = self.llama.create_completion(
+                prompt=tokens, max_tokens=job.max_tokens, temperature=job.temperature, seed=job.seed,
+                top_p=job.top_p, top_k=job.top_k, min_p=0.0, repeat_penalty=1.0, grammar=grammar)
+        choice = out["choices"][0]
+        return Completion(text=choice["text"], n_prompt=len(tokens), n_reused=reused,
+                          n_output=out["usage"]["completion_tokens"],
+                          finish_reason="length" if choice["finish_reason"] == "length" else "stop")
+
+    def close(self) -> None:
+        self.llama.close()

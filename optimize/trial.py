@@ -1,0 +1,197 @@
+"""One combination of a sweep, run: compile, evaluate, cost. It returns an outcome and touches no store.
+
+Recording an outcome is a separate step (optimize.tracking), so a trial runs wherever its model does
+(a worker with no MLflow in reach, a benchmark child, `chainopt predict`). `run`, `eval`, `predict`
+and `bench` all come through here: `run_trial` for a whole combination, `score` for a program that is
+already built (an export, a bench path with its own LM and adapter).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import dspy
+
+from optimize import cost
+from optimize.config import Trial
+from optimize.data import Splits, Task, data_digest
+from optimize.errors import BudgetExceeded, ConfigError
+from optimize.evaluate import ChainRecord, EvalResult, evaluate
+from optimize.llm.adapter import CacheFriendlyAdapter
+from optimize.llm.engine import build_lm
+from optimize.llm.models import describe
+from optimize.optimizers import CompileInputs, compile_program, get_optimizer, resolve_settings, trajectory
+from optimize.progress import EvalProgress
+from optimize.progress import phase as timed
+from optimize.registry import Registry
+from programs import PROGRAMS as _PROGRAMS
+from programs import ProgramSpec
+from programs.contract import ProgramError
+
+Progress = Callable[[str], None]
+PROGRAMS: Registry[ProgramSpec] = Registry("program", _PROGRAMS)
+STOPPED_BY_BUDGET = "run_token_budget"
+
+
+def get_program(name: str) -> ProgramSpec:
+    return PROGRAMS.get(name)
+
+
+def build_program(spec: ProgramSpec, task: Task, settings: dict[str, Any]) -> dspy.Module:
+    """A fresh module of `spec` for `task`; a setting or task it cannot take is the user's ConfigError."""
+    try:
+        return spec.build(task, **settings)
+    except ProgramError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def program_settings(trial: Trial, spec: ProgramSpec) -> dict[str, Any]:
+    """The program's settings, with `budget.max_retries` for a program that retries and sets none itself."""
+    settings = dict(trial.program.settings)
+    if "max_retries" in spec.settings:
+        settings.setdefault("max_retries", trial.budget.max_retries)
+    return settings
+
+
+def adapter() -> dspy.Adapter:
+    """Cache-friendly JSON prompts: static parts first, so the engine shares the prefix across calls."""
+    return CacheFriendlyAdapter()
+
+
+def prices(trial: Trial) -> dict[str, float]:
+    c = trial.cost
+    return {"usd_per_hour": c.usd_per_hour, "usd_per_m_input": c.usd_per_m_input, "usd_per_m_output": c.usd_per_m_output}
+
+
+def identity(trial: Trial) -> str:
+    """What makes two trials the same work: the resolved config, the model file's sha256 and the data's
+    content hash. A changed GGUF or data file at the same path is a new trial, never a reused one."""
+    blob = json.dumps({"config": trial.config_hash(), "model": describe(trial.model.spec).sha256,
+                       "teacher": describe(trial.optimizer.teacher.spec).sha256 if trial.optimizer.teacher else None,
+                       "data": data_digest(trial.data)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Outcome:
+    """Everything one trial produced: what a store records, and what a caller reads back."""
+
+    trial: Trial
+    metrics: dict[str, float]
+    records: list[ChainRecord] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+    program_state: dict[str, Any] | None = None  # DSPy's JSON state of the compiled program (never a pickle)
+    artifacts: dict[str, Any] = field(default_factory=dict)  # JSON artifacts by file name
+    stopped: str = ""  # why the trial stopped early ("" when it ran to the end)
+    program: dspy.Module | None = None  # the compiled module itself, for callers in this process
+
+
+def program_state(program: dspy.Module) -> dict[str, Any]:
+    """The module's JSON state, as `program.save("x.json")` writes it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "program.json"
+        program.save(str(path))
+        return json.loads(path.read_text())
+
+
+def chain_metrics(records: list[ChainRecord], result: EvalResult, spend: cost.Spend,
+                  price: dict[str, float]) -> dict[str, float]:
+    """Accuracy, cost per success and the chains' failure counts, from one evaluation."""
+    metrics = cost.summarize([r.success for r in records], [r.seconds for r in records], spend, price)
+    metrics.update({"parse_failures": sum(r.parse_failure for r in records),
+                    "validator_failures": sum(r.validator_failures for r in records),
+                    "retries": sum(r.retries for r in records), "steps": sum(r.steps for r in records),
+                    "budget_exceeded_chains": sum(r.budget_exceeded for r in records),
+                    "errors": sum(r.error is not None for r in records),
+                    "attempted": result.attempted, "planned": result.total})
+    return metrics
+
+
+def score(program: dspy.Module, examples: list[dspy.Example], metric: Callable, task: Task, *,
+          lm: dspy.LM, adapter_: dspy.Adapter | None = None, threads: int = 8, chain_tokens: int | None = None,
+          run_tally: cost.Tally | None = None, watts_per_core: float = 0.0, price: dict[str, float] | None = None,
+          progress: Progress = lambda s: None, live: bool | None = False,
+          label: str = "evaluating") -> tuple[dict[str, float], EvalResult]:
+    """Evaluate a built program on `examples` with `lm`: its metrics and per-chain records."""
+    with dspy.context(lm=lm, adapter=adapter_ or adapter()), cost.spending(watts_per_core) as phase, \
+            EvalProgress(len(examples), label, report=progress, live=live) as bar:
+        result = evaluate(program, examples, metric, task.answer_field, threads=threads, chain_tokens=chain_tokens,
+                          run_tally=run_tally, on_record=bar.record)
+    return chain_metrics(result.records, result, phase["spend"], price or {}), result
+
+
+def run_trial(trial: Trial, splits: Splits, progress: Progress = lambda s: None, live: bool | None = None,
+              *, lm: dspy.LM | None = None, adapter_: dspy.Adapter | None = None) -> Outcome:
+    """Compile and score one combination. `lm`/`adapter_` replace the trial's model and chainopt's adapter
+    (the bench's stock paths); by default the trial's model runs on chainopt's engine."""
+    spec = get_program(trial.program.name)
+    opt_spec = get_optimizer(trial.optimizer.name)
+    opt_settings = resolve_settings(opt_spec, trial.optimizer.settings)
+    settings = program_settings(trial, spec)
+    model_cfg = trial.model.model_copy(update={"seed": trial.seed})
+    with timed(f"loading {model_cfg.spec}", progress, live=live):
+        lm = lm or build_lm(model_cfg)
+        teacher = build_lm(trial.optimizer.teacher) if trial.optimizer.teacher else lm
+    info = describe(model_cfg.spec)
+    params = {**trial.flat_params(), **info.as_params(), "config_hash": identity(trial),
+              **{f"optimizer.resolved.{k}": v for k, v in opt_settings.items()},
+              **{f"program.resolved.{k}": v for k, v in settings.items()},
+              "data.task": splits.task.name, "data.train_size": len(splits.train),
+              "data.dev_size": len(splits.dev), "data.test_size": len(splits.test),
+              "data.skipped_rows": splits.skipped}
+    if trial.optimizer.teacher:
+        params.update({f"teacher.{k.removeprefix('model.')}": v for k, v in describe(trial.optimizer.teacher.spec)
+                       .as_params().items()})
+    student = build_program(spec, splits.task, settings)
+    metric = spec.metric(splits.task)
+    watts = trial.cost.watts_per_core
+    metrics: dict[str, float] = {"skipped_rows": splits.skipped}
+    compiled, teleprompter, stopped, records, compiled_ok = student, None, "", [], True
+    with dspy.context(lm=lm, adapter=adapter_ or adapter()), \
+            cost.metered("run", trial.budget.run_tokens, all_threads=True) as run_tally:
+        with timed(f"compiling with {opt_spec.name}", progress, live=live), cost.spending(watts) as phase:
+            ctx = CompileInputs(metric=metric, trainset=splits.train, valset=splits.dev, teacher_lm=teacher,
+                                seed=trial.seed, threads=trial.eval.threads, input_fields=splits.task.input_fields)
+            try:
+                compiled, teleprompter = compile_program(opt_spec, dict(opt_settings), student, ctx)
+            except Exception as exc:
+                if not _budget_error(exc, run_tally):
+                    raise
+        metrics.update({f"compile_{unit}": value
+                        for unit, value in cost.spend_units(phase["spend"], prices(trial)).items()})
+        # An optimizer may swallow the refused calls as failed examples and finish: the tally still knows.
+        if _at_ceiling(run_tally):
+            stopped, compiled_ok = STOPPED_BY_BUDGET, False
+            progress(f"run token budget reached while compiling ({run_tally.usage.tokens} of "
+                     f"{run_tally.limit} tokens): not evaluated")
+        else:
+            examples = getattr(splits, trial.eval.split)
+            evaluated, result = score(compiled, examples, metric, splits.task, lm=lm, adapter_=adapter_,
+                                      threads=trial.eval.threads, chain_tokens=trial.budget.chain_tokens,
+                                      run_tally=run_tally, watts_per_core=watts, price=prices(trial),
+                                      progress=progress, live=live, label=f"evaluating {trial.eval.split}")
+            metrics.update(evaluated)
+            records = result.records
+            stopped = STOPPED_BY_BUDGET if result.stopped_by_budget else ""
+    return Outcome(trial, metrics, records, params, program_state(compiled) if compiled_ok else None,
+                   {"trial.json": trial.model_dump(mode="json"), "task.json": dataclasses.asdict(splits.task),
+                    "trajectory.json": {"optimizer": opt_spec.name, "steps": trajectory(compiled, teleprompter)}},
+                   stopped, compiled if compiled_ok else None)
+
+
+def _at_ceiling(tally: cost.Tally) -> bool:
+    return tally.limit is not None and tally.usage.tokens >= tally.limit
+
+
+def _budget_error(exc: BaseException, run_tally: cost.Tally) -> bool:
+    """Whether `exc` (as DSPy wraps it) is the run's budget stopping a compile."""
+    from optimize.evaluate import find_cause
+
+    found = find_cause(exc, BudgetExceeded)
+    return found is not None and _at_ceiling(run_tally)

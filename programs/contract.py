@@ -1,0 +1,33 @@
+"""What programs share with whatever runs them, owned here so that programs import nothing of `optimize/`.
+
+- `step("name")` labels the LM calls made inside it as one step of a chain; a runner reads the label
+  of each call with `current_step()` to count tokens per step.
+- `ProgramError`: a program asked for with settings or a task it cannot take; a runner shows its message.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from contextlib import contextmanager
+from typing import Iterator
+
+_step: contextvars.ContextVar[str] = contextvars.ContextVar("chainopt_step", default="predict")
+
+
+@contextmanager
+def step(name: str) -> Iterator[None]:
+    """Label the LM calls made inside the block as one step of a chain."""
+    token = _step.set(name)
+    try:
+        yield
+    finally:
+        _step.reset(token)
+
+
+def current_step() -> str:
+    """The label of the step the calling code is in ("predict" outside any)."""
+    return _step.get()
+
+
+class ProgramError(ValueError):
+    """A program cannot be built as asked (unknown program or setting, wrong task kind): the message says why."""
