@@ -17,7 +17,7 @@ import math
 import threading
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Iterator
 
 from optimize.errors import BudgetExceeded

@@ -62,7 +62,7 @@ def tracking_uri(configured: str | None = None) -> str:
 
 
 @contextlib.contextmanager
-def _store_lock(uri: str) -> Iterator[None]:
+def store_lock(uri: str) -> Iterator[None]:
     """One process at a time opens a local SQLite store: two runs started together would otherwise both
     create a new store's tables ("table ... already exists") or the same experiment."""
     if not uri.startswith("sqlite:///"):
@@ -82,7 +82,7 @@ def setup(experiment: str, uri: str | None = None) -> str:
     uri = tracking_uri(uri)
     mlflow.set_tracking_uri(uri)
     try:
-        with _store_lock(uri):
+        with store_lock(uri):
             client = MlflowClient()  # opening a SQLite store creates its folder and tables: it fails here
             found = client.get_experiment_by_name(experiment)
             if found is not None:
@@ -274,8 +274,8 @@ def log_table(rows: list[dict[str, Any]], artifact_file: str) -> None:
 def pareto_front(points: list[tuple[str, float, float]]) -> set[str]:
     """Runs not dominated on (higher accuracy, lower cost per success)."""
     front = set()
-    for rid, acc, cost in points:
-        dominated = any((a >= acc and c <= cost) and (a > acc or c < cost) for other, a, c in points if other != rid)
+    for rid, acc, price in points:
+        dominated = any((a >= acc and c <= price) and (a > acc or c < price) for other, a, c in points if other != rid)
         if not dominated:
             front.add(rid)
     return front

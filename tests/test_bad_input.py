@@ -244,6 +244,21 @@ def test_skip_malformed_accepts_the_good_rows(capsys, tmp_path):
     assert code == 0, err
 
 
+@pytest.mark.model
+def test_skipped_rows_are_printed_and_recorded(capsys, tmp_path, monkeypatch):
+    # Before, the rows skip_malformed dropped were counted nowhere a user could see.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    data = _raw(tmp_path, ("".join(json.dumps(r) + "\n" for r in GOOD_ROWS) + "{oops\n").encode())
+    config = USER_DATA.format(path=data).replace('task = "intent"', 'task = "intent"\nskip_malformed = true')
+    code = main(["run", str(write(tmp_path, config)), "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    (run,) = json.loads(out)["runs"]
+    assert run["metrics"]["skipped_rows"] == 1
+    code = main(["run", str(write(tmp_path, config.replace('name = "intent.predict"', 'name = "intent.cot"')))])
+    assert "1 malformed row(s) skipped" in capsys.readouterr().err
+
+
 # ---- the MLflow store ---------------------------------------------------------------------------
 
 

@@ -10,7 +10,6 @@ Each stage is checked by its own test below; the scenario runs once per module.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import signal
 import subprocess
@@ -23,6 +22,8 @@ import mlflow
 import pytest
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
+
+from optimize.tracking import store_lock
 
 pytestmark = pytest.mark.model
 
@@ -45,8 +46,7 @@ def runs(uri: str, experiment: str) -> list[Run]:
     path = Path(uri.removeprefix("sqlite:///"))
     if not path.exists():
         return []
-    with path.open("ab") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    with store_lock(uri):
         mlflow.set_tracking_uri(uri)
         client = MlflowClient()
         exp = client.get_experiment_by_name(experiment)

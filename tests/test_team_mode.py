@@ -50,7 +50,11 @@ def server(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
     yield url, tmp_path / "artifacts"
     proc.terminate()
-    proc.wait(timeout=30)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:  # a busy machine: gunicorn's graceful stop can outlast the wait
+        proc.kill()
+        proc.wait()
     log.close()
 
 
