@@ -58,6 +58,12 @@ def program_state(run_id: str) -> list[dict[str, Any]]:
             for name, value in state.items() if isinstance(value, dict) and "signature" in value]
 
 
+def priced(rows: list[dict[str, Any]]) -> bool:
+    """Whether any run had a price: with none set ([cost] defaults to 0) every USD figure is 0, which the
+    report says once rather than showing $0 as if it were measured."""
+    return any((r["metrics"].get(key) or 0) > 0 for r in rows for key in ("usd_total", "compile_usd"))
+
+
 def pareto_png(parent_id: str, rows: list[dict[str, Any]], unit: str) -> bytes:
     """The plot logged with the parent run; drawn afresh for another unit or when it is missing."""
     logged = tracking.download(parent_id, "pareto.png") if unit == "seconds" else None
@@ -82,20 +88,24 @@ def gather(experiment: str, uri: str | None = None, unit: str = "seconds") -> di
                                            "seed", "accuracy", "cost", "pareto", "metrics")},
                       "break_even": {u: r["metrics"][f"break_even_queries_{u}"] for u in UNITS
                                      if f"break_even_queries_{u}" in r["metrics"]}} for r in rows],
-            "best_run_id": best["run_id"] if best else None,
+            "priced": priced(rows), "best_run_id": best["run_id"] if best else None,
             "best_program": program_state(best["run_id"]) if best else [],
             "pareto_png": pareto_png(parent_id, rows, unit)}
 
 
 # -- rendering ------------------------------------------------------------------------------------
 def num(value: float | None, digits: int = 3) -> str:
+    """One rule for every number on the page, so that 1,631 never sits beside 1.43e+03: whole values in full
+    with thousands separators, the others to `digits` significant digits, never in e-notation."""
     if value is None or math.isnan(value):
         return "-"
     if math.isinf(value):
         return "never" if value > 0 else "-inf"
-    if float(value).is_integer() and abs(value) < 1e15:
+    if float(value).is_integer():
         return f"{int(value):,}"
-    return f"{value:.{digits}g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+    decimals = max(0, digits - 1 - math.floor(math.log10(abs(value))))
+    text = f"{value:,.{decimals}f}"
+    return text.rstrip("0").rstrip(".") if decimals else text
 
 
 # Autoescape on: run names, instructions, demos and labels are arbitrary text, never markup.
