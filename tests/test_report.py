@@ -140,6 +140,58 @@ def test_report_is_self_contained(report):
     assert len(images) == 1 and base64.b64decode(images[0])[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+SCRIPT = "<script>alert(1)</script>"
+BREAKOUT = '"><img src=x onerror=alert(1)>'  # leaves an attribute value, then opens a tag
+ESCAPED = ("&lt;script&gt;alert(1)&lt;/script&gt;", "&#34;&gt;&lt;img src=x onerror=alert(1)&gt;")
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory) -> tuple[str, dict]:
+    """A report whose every text comes from the user: experiment and run names, a version tag, a stop reason,
+    the predictor's name, instructions, field prefix, and its demos' field names, texts and labels."""
+    state = {SCRIPT: {"demos": [{"query": BREAKOUT, "intent": SCRIPT, BREAKOUT: "x"}], "signature": {
+        "instructions": f"Classify. {SCRIPT} {BREAKOUT}", "fields": [{"prefix": BREAKOUT}, {"prefix": SCRIPT}]}}}
+    runs = [(SCRIPT, "labeled_fewshot", _metrics(0.75, 1.5, 3.0), state, 6.0),
+            (BREAKOUT, "none", _metrics(0.5, 2.0, 0.0), _state("Classify.", []), None)]
+    name = _record(f"hostile {SCRIPT}{BREAKOUT}", runs, tmp_path_factory.mktemp("hostile"),
+                   parent_tags={"chainopt.version": BREAKOUT}, stopped=SCRIPT)
+    path, data = write_report(name, tmp_path_factory.mktemp("report") / "hostile.html")
+    return path.read_text(encoding="utf-8"), data
+
+
+def injected_markup(text: str) -> list[str]:
+    """What a browser would run or load from the page beyond its own markup: a script tag, an on* handler,
+    an image that is not the inline plot."""
+    page = Page(text)
+    return ([tag for tag, _ in page.tags if tag == "script"]
+            + [f"{tag} {name}" for tag, attrs in page.tags for name in attrs if name.startswith("on")]
+            + [f"img {attrs.get('src')}" for tag, attrs in page.tags
+               if tag == "img" and not (attrs.get("src") or "").startswith("data:image/png;base64,")])
+
+
+def test_user_text_is_escaped_everywhere(hostile):
+    text, data = hostile
+    assert injected_markup(text) == []
+    assert SCRIPT not in text and "<img src=x" not in text
+    for escaped in ESCAPED:
+        assert escaped in text
+    page = Page(text)
+    shown = "".join(page.text)  # decoded: each payload reads as the text it was
+    assert f"\n{data['experiment']}\n" in shown and f"Classify. {SCRIPT} {BREAKOUT}" in shown
+    assert f"chainopt.version {BREAKOUT}" in shown
+    assert [(row[1], row[-1]) for row in page.tables["runs"][1:]] == [(f"{SCRIPT} best", SCRIPT), (BREAKOUT, SCRIPT)]
+    assert page.tables["demos"] == [["query", "intent", BREAKOUT], [BREAKOUT, SCRIPT, "x"]]
+    assert next(attrs["alt"] for tag, attrs in page.tags if tag == "img").startswith(f"Pareto plot of {data['experiment']}:")
+
+
+def test_escaping_check_fails_once_autoescape_is_off(hostile, monkeypatch):
+    # Proof that the test above can fail: the same data rendered without autoescape is caught.
+    _, data = hostile
+    monkeypatch.setattr(report_module, "ENV", report_module.ENV.overlay(autoescape=False, cache_size=0))
+    text = render(data)
+    assert SCRIPT in text and "script" in injected_markup(text) and "img onerror" in injected_markup(text)
+
+
 def test_report_shows_runs_best_program_costs_and_break_even(report):
     text, data = report
     by_name = {r["name"]: r for r in data["runs"]}
