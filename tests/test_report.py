@@ -1,6 +1,6 @@
 """The HTML report: self-contained, and it shows what a person needs to pick a program.
 
-The store is built directly with MLflow (no model): three child runs shaped like `chainopt run`'s.
+The store is built directly with MLflow (no model): child runs shaped like `chainopt run`'s.
 The browser test renders a report of a real experiment.
 """
 
@@ -8,17 +8,52 @@ import base64
 import json
 import math
 import re
+from html.parser import HTMLParser
 from pathlib import Path
 
 import mlflow
 import pytest
 
+from optimize import report as report_module
 from optimize import tracking
 from optimize.cli import main
-from optimize.report import best_run, default_path, resolve, write_report
+from optimize.report import best_run, default_path, num, priced, render, resolve, write_report
 
 NAME = "report-synthetic"
 DEMO_QUERY = "Where is the card I ordered last week?"
+
+
+class Page(HTMLParser):
+    """A page as a browser's parser reads it: every start tag with its attributes, the text, and the cells of
+    each table by its class (header row first)."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+        self.text: list[str] = []
+        self.tables: dict[str, list[list[str]]] = {}
+        self._cell: list[str] | None = None
+        self.feed(text)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+        if tag == "table":
+            self._rows = self.tables.setdefault(dict(attrs).get("class") or "", [])
+        elif tag == "tr":
+            self._rows.append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self._rows[-1].append(" ".join("".join(self._cell).split()))
+            self._cell = None
+
+    def handle_data(self, data):
+        self.text.append(data)
+        if self._cell is not None:
+            self._cell.append(data)
 
 
 def _metrics(acc: float, per_success: float, compile_seconds: float) -> dict[str, float]:
@@ -44,19 +79,20 @@ RUNS = [  # name, optimizer, metrics, program state, break-even (queries) in eve
     ("zero", "none", _metrics(0.5, 2.0, 0.0), _state("Classify the customer request.", []), None),
     ("fewshot", "labeled_fewshot", _metrics(0.75, 1.5, 3.0),
      _state("Classify the customer request.", [{"query": DEMO_QUERY, "intent": "card_arrival"}]), 6.0),
-    ("bootstrap", "bootstrap_fewshot", _metrics(0.75, 3.0, 9.0), _state("Pick one intent label.", []), math.inf),
+    # compile J 1429.5: a value that %g would write as 1.43e+03 beside the table's 1,240 tokens
+    ("bootstrap", "bootstrap_fewshot", _metrics(0.75, 3.0, 95.3), _state("Pick one intent label.", []), math.inf),
 ]
 
 
-@pytest.fixture(scope="module")
-def experiment(tmp_path_factory) -> str:
-    """The synthetic experiment, in the test session's MLflow store."""
-    experiment_id = tracking.setup(NAME)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=NAME,
-                          tags={tracking.TAG_KIND: "parent", "dspy.version": "3.4.1"}) as parent:
-        for name, optimizer, metrics, state, break_even in RUNS:
-            with mlflow.start_run(run_name=name, nested=True, experiment_id=experiment_id,
-                                  tags={tracking.TAG_KIND: "child"}):
+def _record(experiment: str, runs: list[tuple], tmp: Path, parent_tags: dict[str, str] | None = None,
+            stopped: str = "") -> str:
+    """An experiment shaped like `chainopt run`'s, in the test session's MLflow store."""
+    experiment_id = tracking.setup(experiment)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=experiment,
+                          tags={tracking.TAG_KIND: "parent", "dspy.version": "3.4.1", **(parent_tags or {})}) as parent:
+        for name, optimizer, metrics, state, break_even in runs:
+            tags = {tracking.TAG_KIND: "child", **({tracking.TAG_STOPPED: stopped} if stopped else {})}
+            with mlflow.start_run(run_name=name, nested=True, experiment_id=experiment_id, tags=tags):
                 mlflow.log_params({"program.name": "intent.predict", "optimizer.name": optimizer,
                                    "model.spec": "smollm2-135m", "seed": 0})
                 units = {} if break_even is None else {f"break_even_queries_{u}": break_even
@@ -64,8 +100,13 @@ def experiment(tmp_path_factory) -> str:
                 tracking.log_metrics({**metrics, **units})
                 mlflow.log_dict(state, "program.json")
         rows = tracking.child_rows(experiment_id, parent.info.run_id)
-        mlflow.log_artifact(str(tracking.pareto_plot(rows, tmp_path_factory.mktemp("plot") / "pareto.png")))
-    return NAME
+        mlflow.log_artifact(str(tracking.pareto_plot(rows, tmp / "pareto.png")))
+    return experiment
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory) -> str:
+    return _record(NAME, RUNS, tmp_path_factory.mktemp("plot"))
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +140,59 @@ def test_report_is_self_contained(report):
     assert len(images) == 1 and base64.b64decode(images[0])[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+SCRIPT = "<script>alert(1)</script>"
+BREAKOUT = '"><img src=x onerror=alert(1)>'  # leaves an attribute value, then opens a tag
+ESCAPED = ("&lt;script&gt;alert(1)&lt;/script&gt;", "&#34;&gt;&lt;img src=x onerror=alert(1)&gt;")
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory) -> tuple[str, dict]:
+    """A report whose every text comes from the user: experiment and run names, a version tag, a stop reason,
+    the predictor's name, instructions, field prefix, and its demos' field names, texts and labels."""
+    state = {SCRIPT: {"demos": [{"query": BREAKOUT, "intent": SCRIPT, BREAKOUT: "x"}], "signature": {
+        "instructions": f"Classify. {SCRIPT} {BREAKOUT}", "fields": [{"prefix": BREAKOUT}, {"prefix": SCRIPT}]}}}
+    runs = [(SCRIPT, "labeled_fewshot", _metrics(0.75, 1.5, 3.0), state, 6.0),
+            (BREAKOUT, "none", _metrics(0.5, 2.0, 0.0), _state("Classify.", []), None)]
+    name = _record(f"hostile {SCRIPT}{BREAKOUT}", runs, tmp_path_factory.mktemp("hostile"),
+                   parent_tags={"chainopt.version": BREAKOUT}, stopped=SCRIPT)
+    path, data = write_report(name, tmp_path_factory.mktemp("report") / "hostile.html")
+    return path.read_text(encoding="utf-8"), data
+
+
+def injected_markup(text: str) -> list[str]:
+    """What a browser would run or load from the page beyond its own markup: a script tag, an on* handler,
+    an image that is not the inline plot."""
+    page = Page(text)
+    return ([tag for tag, _ in page.tags if tag == "script"]
+            + [f"{tag} {name}" for tag, attrs in page.tags for name in attrs if name.startswith("on")]
+            + [f"img {attrs.get('src')}" for tag, attrs in page.tags
+               if tag == "img" and not (attrs.get("src") or "").startswith("data:image/png;base64,")])
+
+
+def test_user_text_is_escaped_everywhere(hostile):
+    text, data = hostile
+    assert injected_markup(text) == []
+    assert SCRIPT not in text and "<img src=x" not in text
+    for escaped in ESCAPED:
+        assert escaped in text
+    page = Page(text)
+    shown = "".join(page.text)  # decoded: each payload reads as the text it was
+    assert f"\n{data['experiment']}\n" in shown and f"Classify. {SCRIPT} {BREAKOUT}" in shown
+    assert f"chainopt.version {BREAKOUT}" in shown
+    assert [(row[1], row[-1]) for row in page.tables["runs"][1:]] == [(f"{SCRIPT} best", SCRIPT), (BREAKOUT, SCRIPT)]
+    assert page.tables["demos"] == [["query", "intent", BREAKOUT], [BREAKOUT, SCRIPT, "x"]]
+    alt = next(attrs["alt"] for tag, attrs in page.tags if tag == "img")
+    assert alt.startswith(f"Pareto plot of {data['experiment']}:")  # the name stayed inside the attribute
+
+
+def test_escaping_check_fails_once_autoescape_is_off(hostile, monkeypatch):
+    # Proof that the test above can fail: the same data rendered without autoescape is caught.
+    _, data = hostile
+    monkeypatch.setattr(report_module, "ENV", report_module.ENV.overlay(autoescape=False, cache_size=0))
+    text = render(data)
+    assert SCRIPT in text and "script" in injected_markup(text) and "img onerror" in injected_markup(text)
+
+
 def test_report_shows_runs_best_program_costs_and_break_even(report):
     text, data = report
     by_name = {r["name"]: r for r in data["runs"]}
@@ -115,6 +209,52 @@ def test_report_shows_runs_best_program_costs_and_break_even(report):
     assert '<td class="t">fewshot</td><td>6</td>' in break_even
     assert '<td class="t">bootstrap</td><td>never</td>' in break_even
     assert '<td class="t">zero</td>' not in break_even
+
+
+def test_numbers_follow_one_rule(report):
+    text, _ = report
+    tables = Page(text).tables
+    cells = [cell for rows in tables.values() for row in rows for cell in row]
+    assert [c for c in cells if re.fullmatch(r"[\d.,]+e[+-]?\d+", c)] == [], "a number in e-notation"
+    cost = {row[0]: row for row in tables["cost"][1:]}
+    assert cost["bootstrap"][3] == "1,430" and cost["bootstrap"][8] == "1,240"  # compile J, eval tokens
+    assert cost["zero"][-1] == "0.0001"  # eval USD
+
+
+@pytest.mark.parametrize("value, shown", [
+    (None, "-"), (math.nan, "-"), (math.inf, "never"), (0.0, "0"), (6.0, "6"), (1631.0, "1,631"),
+    (1429.5, "1,430"), (413.333, "413"), (0.75, "0.75"), (0.123456, "0.123"), (2.5e-05, "0.000025"),
+])
+def test_num_writes_counts_in_full_and_the_rest_to_three_significant_digits(value, shown):
+    assert num(value) == shown
+
+
+@pytest.mark.parametrize("usd, expected", [
+    ({"usd_total": 0.0, "compile_usd": 0.0, "usd_per_success": 0.0}, False),
+    ({"usd_total": 0.0, "usd_per_success": math.inf}, False),  # no success: infinite per success, still no price
+    ({}, False),
+    ({"usd_total": 1e-4, "compile_usd": 0.0}, True),
+    ({"usd_total": 0.0, "compile_usd": 2e-6}, True),
+])
+def test_priced_means_some_usd_was_spent(usd, expected):
+    assert priced([{"metrics": {"accuracy": 0.5}}, {"metrics": usd}]) is expected
+
+
+def test_no_price_is_said_once_instead_of_a_silent_zero(report):
+    text, data = report
+    assert data["priced"] and "No price set" not in text
+    unpriced = render({**data, "priced": False})
+    assert unpriced.count("No price set: [cost] usd_per_hour = 0") == 1
+
+
+def test_knn_winner_has_demos_per_query_not_zero_shot(report):
+    _, data = report
+    runs = [{**r, "optimizer": "knn_fewshot"} if r["run_id"] == data["best_run_id"] else r for r in data["runs"]]
+    program = [{**pred, "demos": [], "demo_fields": []} for pred in data["best_program"]]
+    best = render({**data, "runs": runs, "best_program": program}).split("<h2>Best program</h2>")[1].split("<h2>")[0]
+    assert "chosen per query" in best and "zero-shot" not in best
+    zero = render({**data, "best_program": program}).split("<h2>Best program</h2>")[1].split("<h2>")[0]
+    assert "No demos (zero-shot)." in zero
 
 
 def test_other_cost_unit_redraws_the_plot(experiment, report, tmp_path):
