@@ -150,18 +150,21 @@ def compile_program(spec: OptimizerSpec, settings: dict[str, Any], student: dspy
 
 
 def trajectory(compiled: dspy.Module, teleprompter: Any) -> list[dict[str, Any]]:
-    """Candidate scores over the optimizer's steps, from whatever each DSPy optimizer keeps."""
-    steps: list[dict[str, Any]] = []
-    for i, cand in enumerate(getattr(compiled, "candidate_programs", None) or []):
-        if isinstance(cand, dict) and "score" in cand:
-            steps.append({"step": i, "score": float(cand["score"])})
-    for i, (key, log) in enumerate(sorted((getattr(compiled, "trial_logs", None) or {}).items())):
-        score = log.get("full_eval_score", log.get("score")) if isinstance(log, dict) else None
-        if score is not None:
-            steps.append({"step": i, "score": float(score)})
-    results = getattr(compiled, "detailed_results", None)
-    for i, score in enumerate(getattr(results, "val_aggregate_scores", None) or []):
-        steps.append({"step": i, "score": float(score)})
-    for i, item in enumerate(getattr(teleprompter, "results_best", {}).get("__all__", []) if teleprompter else []):
-        steps.append({"step": i, "score": float(item)})
-    return steps
+    """Candidate scores over the optimizer's steps, in the order it evaluated them, from one record per
+    optimizer: MIPROv2's trial logs (it also keeps the same evaluations best first as candidate_programs),
+    GEPA's validation aggregates, else the scored candidate list (put back in seed order where the
+    candidates carry one, as BootstrapFewShotWithRandomSearch's do; COPRO and SIMBA keep theirs best first)."""
+    logs = sorted((getattr(compiled, "trial_logs", None) or {}).items())
+    scores = [log.get("full_eval_score", log.get("score")) for _, log in logs if isinstance(log, dict)]
+    scores = [score for score in scores if score is not None]
+    if not scores:
+        scores = list(getattr(getattr(compiled, "detailed_results", None), "val_aggregate_scores", None) or [])
+    if not scores:
+        candidates = [c for c in getattr(compiled, "candidate_programs", None) or []
+                      if isinstance(c, dict) and "score" in c]
+        if candidates and all("seed" in c for c in candidates):
+            candidates.sort(key=lambda c: c["seed"])
+        scores = [c["score"] for c in candidates]
+    if not scores and teleprompter:
+        scores = list(getattr(teleprompter, "results_best", {}).get("__all__", []))
+    return [{"step": i, "score": float(score)} for i, score in enumerate(scores)]

@@ -1,13 +1,18 @@
-"""Every registered optimizer compiles a real program through DSPy, with a fake LM that answers any schema.
+"""What each registered optimizer produces, on fake LMs whose answers are fixed in advance.
 
-The fake engine reads the JSON schema the adapter sends and returns a valid object (first enum value,
-numbers, short strings): the optimizers' wiring is the point here, not the model. The sweep experiments
-run them on the real model.
+`Oracle` is a DSPy engine. For the classify call of `intent.predict` it reads the query of the last user
+turn and answers its gold label when a rule "knows" it (the rule sees the query, the demo queries shown
+before it and the system prompt), and a wrong but valid label otherwise. Any other call (an instruction
+proposal, a reflection) gets a schema-valid object whose strings are the oracle's `filler` text. So what
+an optimizer should produce is known: which demos, which instruction, which candidate scores. The task
+model and the teacher are two oracles with different fillers, so a proposal that came from the wrong
+model shows. The sweep experiments run the optimizers on the real model.
 """
 
 import json
 
 import dspy
+import numpy as np
 import pytest
 from dspy.lm15 import Message, Response, TextPart, Usage
 
@@ -15,36 +20,53 @@ from optimize.config import DataConfig
 from optimize.data import load_splits
 from optimize.errors import ConfigError
 from optimize.optimizers import OPTIMIZERS, CompileInputs, compile_program, get_optimizer, resolve_settings, trajectory
-from optimize.trial import get_program
+from optimize.trial import adapter, get_program
+
+QUERY = "[[ ## query ## ]]\n"  # how the adapter writes the query field in a user turn
+MARK = "Name the exact banking intent of the request"  # the teacher's proposals; no "Word:" prefix (MIPRO strips it)
 
 
-def fake_value(schema: dict, defs: dict):
+def fake_value(schema: dict, defs: dict, filler: str):
     if "$ref" in schema:
-        return fake_value(defs[schema["$ref"].split("/")[-1]], defs)
+        return fake_value(defs[schema["$ref"].split("/")[-1]], defs, filler)
     if "enum" in schema:
         return schema["enum"][0]
     if "anyOf" in schema:
-        return fake_value(schema["anyOf"][0], defs)
+        return fake_value(schema["anyOf"][0], defs, filler)
     kind = schema.get("type")
     if kind == "object":
-        return {k: fake_value(v, defs) for k, v in schema.get("properties", {}).items()}
+        return {k: fake_value(v, defs, filler) for k, v in schema.get("properties", {}).items()}
     if kind == "array":
-        return [fake_value(schema.get("items", {}), defs)]
-    return {"integer": 1, "number": 1.0, "boolean": True}.get(kind, "a short proposed instruction")
+        return [fake_value(schema.get("items", {}), defs, filler)]
+    return {"integer": 1, "number": 1.0, "boolean": True}.get(kind, filler)
 
 
-class SchemaEngine:
+class Oracle:
+    """A DSPy engine: the gold label of a known query when `knows(call)`, a wrong label otherwise."""
+
     supports_response_schema = True
-    supported_params = frozenset({"response_format", "temperature", "max_tokens", "seed"})
+    supported_params = frozenset({"response_format", "temperature", "max_tokens", "seed", "n"})
 
-    def __init__(self):
-        self.calls = 0
+    def __init__(self, gold: dict[str, str], knows=lambda call: True, filler: str = "task model text"):
+        self.gold, self.knows, self.filler = gold, knows, filler
+        self.classified: list[dict] = []  # one {"query", "demos", "system"} per classify call
+        self.other = 0  # calls that were not a classification (proposals, reflections)
 
     def complete(self, request):
-        self.calls += 1
-        self.last_turns = len(request.messages)
         schema = (request.config.response_format or {}).get("schema") or {}
-        text = json.dumps(fake_value(schema, schema.get("$defs", {}))) if schema else "[[ ## completed ## ]]"
+        users = [m.text or "" for m in request.messages if m.role == "user"]
+        queries = [u.removeprefix(QUERY) for u in users if u.startswith(QUERY)]
+        system = request.system if isinstance(request.system, str) else "".join(p.text for p in request.system or [])
+        if "intent" in schema.get("properties", {}) and queries and queries[-1] in self.gold:
+            call = {"query": queries[-1], "demos": queries[:-1], "system": system}
+            self.classified.append(call)
+            gold = self.gold[call["query"]]
+            label = gold if self.knows(call) else ("card_arrival" if gold != "card_arrival" else "exchange_rate")
+            text = json.dumps({"intent": label})
+        else:
+            self.other += 1
+            value = fake_value(schema, schema.get("$defs", {}), self.filler) if schema else None
+            text = json.dumps(value) if schema else "[[ ## completed ## ]]"
         return Response(id=None, model=request.model, message=Message.assistant([TextPart(text)]),
                         finish_reason="stop", usage=Usage(input_tokens=1, output_tokens=1))
 
@@ -57,32 +79,174 @@ class SchemaEngine:
         pass
 
 
+def lm_of(engine: Oracle, name: str) -> dspy.LM:
+    return dspy.LM(f"fake/{name}", engine=engine, cache=False, temperature=0.0)
+
+
 @pytest.fixture(scope="module")
 def splits():
     return load_splits(DataConfig(dataset="banking77", train=8, dev=4, test=2, seed=0))
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_optimizer_compiles_intent_program(name, splits):
-    engine = SchemaEngine()
-    lm = dspy.LM("fake/schema", engine=engine, cache=False, temperature=0.0)
+@pytest.fixture(scope="module")
+def gold(splits):
+    rows = splits.train + splits.dev + splits.test
+    table = {e.query: e.intent for e in rows}
+    assert len(table) == len(rows)  # the oracle tells rows apart by their query
+    return table
+
+
+def compile_with(name, settings, splits, task: Oracle, teacher: Oracle | None = None, trainset=None):
+    """Compile intent.predict with optimizer `name` the way optimize.trial does; task LM in context."""
     spec = get_program("intent.predict")
-    student = spec.build(splits.task)
     opt = get_optimizer(name)
-    settings = resolve_settings(opt, {"max_metric_calls": 12} if name == "gepa" else {})
-    ctx = CompileInputs(metric=spec.metric(splits.task), trainset=splits.train, valset=splits.dev, teacher_lm=lm,
-                        seed=0, threads=2, input_fields=splits.task.input_fields)
-    with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
-        compiled, teleprompter = compile_program(opt, dict(settings), student, ctx)
-        pred = compiled(**splits.test[0].inputs())
-    assert pred.intent in splits.task.labels
-    assert isinstance(trajectory(compiled, teleprompter), list)
-    if name == "none":
-        assert compiled is student and engine.calls == 1
-    if name == "labeled_fewshot":
-        assert len(compiled.classify.demos) == 4
-    if name == "knn_fewshot":  # demos are chosen per input at call time: they show up as earlier turns
-        assert engine.last_turns > 1
+    ctx = CompileInputs(metric=spec.metric(splits.task), trainset=splits.train if trainset is None else trainset,
+                        valset=splits.dev, teacher_lm=lm_of(teacher or task, "teacher"), seed=0, threads=2,
+                        input_fields=splits.task.input_fields)
+    with dspy.context(lm=lm_of(task, "task"), adapter=adapter()):
+        return compile_program(opt, dict(resolve_settings(opt, settings)), spec.build(splits.task), ctx)
+
+
+def rows(examples) -> list[tuple[str, str]]:
+    return [(e.query, e.intent) for e in examples]
+
+
+def scores(steps: list[dict]) -> list[float]:
+    assert [s["step"] for s in steps] == list(range(len(steps)))  # one step per candidate, numbered in order
+    return [s["score"] for s in steps]
+
+
+COVERED = {"none", "labeled_fewshot", "bootstrap_fewshot", "bootstrap_random_search", "knn_fewshot", "copro",
+           "mipro_v2", "simba", "gepa"}
+
+
+def test_every_registered_optimizer_has_a_test_here():
+    """Fails when an optimizer is registered (or renamed) without a test of what it produces below."""
+    assert set(OPTIMIZERS) == COVERED
+
+
+def test_none_returns_the_student_untouched(splits, gold):
+    """Fails if the zero-shot baseline compiled anything or called the model."""
+    task = Oracle(gold)
+    compiled, teleprompter = compile_with("none", {}, splits, task)
+    assert teleprompter is None and compiled.classify.demos == []
+    assert task.classified == [] and task.other == 0
+    assert trajectory(compiled, teleprompter) == []
+
+
+def test_labeled_fewshot_puts_k_distinct_trainset_rows_on_the_predictor(splits, gold):
+    """Fails if `k` does not reach LabeledFewShot, or its demos are not (query, gold label) training rows."""
+    task = Oracle(gold)
+    compiled, _ = compile_with("labeled_fewshot", {"k": 3}, splits, task)
+    demos = rows(compiled.classify.demos)
+    assert len(demos) == len(set(demos)) == 3
+    assert set(demos) <= set(rows(splits.train))
+    assert task.classified == []  # labelled demos need no model call
+
+
+def test_bootstrap_fewshot_keeps_only_the_teachers_traces_that_pass_the_metric(splits, gold):
+    """The teacher answers training rows 1, 4 and 6 right and the rest wrong: the demos are those three
+    traces (in trainset order, marked augmented), then raw labelled rows from the others up to
+    max_labeled_demos. Fails if the metric does not filter the traces, if a wrong answer becomes a demo,
+    or if the teacher model is not the one bootstrapping (the task model must get no call)."""
+    known = {splits.train[i].query for i in (1, 4, 6)}
+    task = Oracle(gold)
+    teacher = Oracle(gold, knows=lambda call: call["query"] in known)
+    compiled, _ = compile_with("bootstrap_fewshot", {"max_bootstrapped_demos": 4, "max_labeled_demos": 5},
+                               splits, task, teacher)
+    demos = compiled.classify.demos
+    assert rows(demos[:3]) == rows(splits.train[i] for i in (1, 4, 6))
+    assert all(d.get("augmented") for d in demos[:3])
+    assert len(demos) == 5
+    others = set(rows(splits.train)) - set(rows(demos[:3]))
+    assert set(rows(demos[3:])) <= others and not any(d.get("augmented") for d in demos[3:])
+    assert task.classified == [] and len(teacher.classified) == len(splits.train)
+
+
+def test_bootstrap_random_search_records_every_candidates_validation_score_in_order(splits, gold):
+    """The task model is right only with demos in the prompt, and never on the last validation row. The
+    candidates, in the order the optimizer tries them (zero-shot, labelled, bootstrapped, one shuffled
+    bootstrap), score 0, 75, 75, 75 per cent of the 4 validation rows. Fails if the trajectory loses or
+    reorders candidates, or if the validation set is not passed (all 8 training rows would score 100)."""
+    hard = splits.dev[3].query
+    task = Oracle(gold, knows=lambda call: bool(call["demos"]) and call["query"] != hard)
+    compiled, teleprompter = compile_with("bootstrap_random_search", {"num_candidate_programs": 1,
+                                                                      "max_bootstrapped_demos": 2,
+                                                                      "max_labeled_demos": 2}, splits, task)
+    assert scores(trajectory(compiled, teleprompter)) == [0.0, 75.0, 75.0, 75.0]
+    assert compiled.classify.demos  # the best candidate is not the zero-shot one
+
+
+# Training rows with distinct rare words (and no "the"): each query below shares rare words with exactly one
+# row and a common word ("my", "how") with some other row, never with the other query's row, so its two
+# nearest rows are not a tie that could take the other query's row.
+KNN_TRAIN = [("A cash machine swallowed my card", "card_swallowed"),
+             ("What exchange rate applies to euros", "exchange_rate"),
+             ("My top-up failed again", "top_up_failed"),
+             ("How do I change my PIN", "change_pin"),
+             ("Can I get a refund for this purchase", "request_refund"),
+             ("I lost my phone yesterday", "lost_or_stolen_phone")]
+KNN_QUERIES = {"That cash machine kept my card": 0, "How much exchange rate applies to dollars": 1}  # -> its row
+
+
+def test_knn_fewshot_shows_each_query_the_training_row_it_shares_rare_words_with():
+    """With the TF-IDF embedder (the default), the demos shown for a query include the one training row it
+    shares rare words with, and not the row that belongs to the other query. Fails if the embedder does
+    not rank lexical neighbours first, if demos are not chosen per input, or if `k` is ignored."""
+    from optimize.optimizers import tfidf_embedder
+
+    train = [dspy.Example(query=q, intent=i).with_inputs("query") for q, i in KNN_TRAIN]
+    embed = tfidf_embedder(train, ("query",))
+    similarity = embed(list(KNN_QUERIES)) @ embed([q for q, _ in KNN_TRAIN]).T
+    assert similarity.argmax(axis=1).tolist() == [0, 1]
+    assert similarity[0, 1] == similarity[1, 0] == 0  # nothing shared with the other query's row
+
+    splits = load_splits(DataConfig(dataset="banking77", train=0, dev=0, test=1, seed=0))
+    task = Oracle({**dict(KNN_TRAIN), **{q: KNN_TRAIN[row][1] for q, row in KNN_QUERIES.items()}})
+    compiled, _ = compile_with("knn_fewshot", {"k": 2}, splits, task, trainset=train)
+    with dspy.context(lm=lm_of(task, "task"), adapter=adapter()):
+        for query in KNN_QUERIES:
+            compiled(query=query)
+    shown = {call["query"]: call["demos"] for call in task.classified}
+    assert set(shown) == set(KNN_QUERIES)
+    for query, row in KNN_QUERIES.items():
+        other = KNN_TRAIN[1 - row][0]
+        assert len(shown[query]) == 2
+        assert KNN_TRAIN[row][0] in shown[query] and other not in shown[query]
+
+
+@pytest.mark.parametrize("name, settings", [("copro", {}), ("mipro_v2", {}), ("gepa", {"max_metric_calls": 12})])
+def test_instruction_optimizers_adopt_the_teachers_better_instruction(name, settings, splits, gold):
+    """The task model is right only under the teacher's proposed instruction (MARK). Each optimizer must ask
+    the teacher (prompt/reflection model), not the task model, for instructions, keep MARK, and record the
+    original instruction's 0 and MARK's full score. Fails if the teacher is not wired as the proposer or
+    the trajectory loses, duplicates or reorders steps."""
+    task = Oracle(gold, knows=lambda call: MARK in call["system"])
+    teacher = Oracle(gold, knows=lambda call: MARK in call["system"], filler=MARK)
+    compiled, teleprompter = compile_with(name, settings, splits, task, teacher)
+    assert compiled.classify.signature.instructions == MARK
+    assert teacher.other > 0 and task.other == 0
+    steps = scores(trajectory(compiled, teleprompter))
+    full = 1.0 if name == "gepa" else 100.0
+    if name == "copro":  # COPRO keeps its candidates best first, without the order it tried them in
+        assert steps == [full, 0.0]
+    else:  # in the order evaluated: the original program first
+        assert steps[0] == 0.0 and max(steps) == full
+    if name == "gepa":
+        assert steps == [0.0, 1.0]
+
+
+def test_simba_keeps_a_demo_from_a_successful_trajectory(splits, gold):
+    """The task model knows half the training rows zero-shot and all of them with a demo. SIMBA's winner
+    carries a demo that is a correctly answered training row; its candidates score the baseline's 0.5 and
+    the winner's 1.0. Fails if SIMBA's settings or seed do not reach it, or a wrong trace becomes a demo."""
+    known = {e.query for e in splits.train[:4]}
+    task = Oracle(gold, knows=lambda call: bool(call["demos"]) or call["query"] in known)
+    compiled, teleprompter = compile_with("simba", {"bsize": 4}, splits, task)
+    demos = rows(compiled.classify.demos)
+    assert demos and set(demos) <= set(rows(splits.train))
+    steps = scores(trajectory(compiled, teleprompter))
+    assert max(steps) == 1.0 and min(steps) == 0.5
 
 
 def test_unknown_optimizer_suggests():
@@ -100,21 +264,18 @@ def test_none_takes_no_settings():
         resolve_settings(get_optimizer("none"), {"k": 1})
 
 
+def test_settings_override_the_defaults_and_keep_the_rest():
+    """Fails if a user's setting is dropped or a default is lost (tracking logs what this returns)."""
+    resolved = resolve_settings(get_optimizer("bootstrap_fewshot"), {"max_labeled_demos": 1})
+    assert resolved == {"max_bootstrapped_demos": 4, "max_labeled_demos": 1, "max_rounds": 1}
+    assert resolve_settings(get_optimizer("knn_fewshot"), {"embedder": "tfidf", "k": 2})["k"] == 2
+
+
 def test_bad_embedder():
     with pytest.raises(ConfigError, match="embedder 'bert'"):
         compile_program(get_optimizer("knn_fewshot"), {"k": 2, "embedder": "bert"}, dspy.Predict("q -> a"),
                         CompileInputs(metric=lambda *a: 1, trainset=[], valset=[], teacher_lm=None, seed=0,
                                       threads=1, input_fields=("q",)))
-
-
-def test_tfidf_embedder_finds_the_lexical_neighbour():
-    from optimize.optimizers import tfidf_embedder
-
-    train = [dspy.Example(query=q).with_inputs("query") for q in
-             ["my card has not arrived", "exchange rate for euros", "top up failed again"]]
-    emb = tfidf_embedder(train, ("query",))
-    vectors = emb(["when will my card arrive", "euros exchange rate please"])
-    assert vectors.shape[0] == 2
 
 
 def test_two_tfidf_embedders_never_share_cached_vectors():
@@ -126,3 +287,4 @@ def test_two_tfidf_embedders_never_share_cached_vectors():
              ["card arrived late", "top up failed", "exchange rate euros", "lost my phone and card"]]
     query = ["has my card arrived"]
     assert tfidf_embedder(large, ("query",))(query).shape[1] != tfidf_embedder(small, ("query",))(query).shape[1]
+    assert np.any(tfidf_embedder(large, ("query",))(query))
