@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import functools
 import json
 import math
 import re
@@ -20,6 +21,7 @@ import jinja2
 from optimize import tracking
 from optimize.cost import UNITS
 from optimize.errors import ChainoptError
+from optimize.tables import number
 
 UNIT_LABELS = {"tokens": "tokens", "seconds": "seconds", "joules": "joules", "usd": "USD"}
 
@@ -94,24 +96,10 @@ def gather(experiment: str, uri: str | None = None, unit: str = "seconds") -> di
 
 
 # -- rendering ------------------------------------------------------------------------------------
-def num(value: float | None, digits: int = 3) -> str:
-    """One rule for every number on the page, so that 1,631 never sits beside 1.43e+03: whole values in full
-    with thousands separators, the others to `digits` significant digits, never in e-notation."""
-    if value is None or math.isnan(value):
-        return "-"
-    if math.isinf(value):
-        return "never" if value > 0 else "-inf"
-    if float(value).is_integer():
-        return f"{int(value):,}"
-    decimals = max(0, digits - 1 - math.floor(math.log10(abs(value))))
-    text = f"{value:,.{decimals}f}"
-    return text.rstrip("0").rstrip(".") if decimals else text
-
-
 # Autoescape on: run names, instructions, demos and labels are arbitrary text, never markup.
 ENV = jinja2.Environment(loader=jinja2.PackageLoader("optimize", "templates"), autoescape=True,
                          undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-ENV.filters["num"] = num
+ENV.filters["num"] = functools.partial(number, infinite="never")
 
 
 def render(data: dict[str, Any]) -> str:

@@ -1,5 +1,5 @@
-"""The one text-table renderer of the front (the CLI's results, `datasets/models/programs list`, the bench):
-rich lays the columns out; here only how a value reads in a cell."""
+"""The one text-table renderer of the front (the CLI's results, `datasets/models/programs list`, the bench),
+and the one number format (also the HTML report's): rich lays the columns out; here only how a value reads."""
 
 from __future__ import annotations
 
@@ -12,17 +12,26 @@ from rich.console import Console
 from rich.table import Table
 
 
-def fmt(value: Any, digits: int = 3) -> str:
-    """A cell: '-' for nothing, 'inf' for infinity, floats to `digits` significant digits, the rest as str."""
-    if value is None:
+def number(value: float | None, digits: int = 3, infinite: str = "inf") -> str:
+    """One rule for every number chainopt shows (terminal and HTML report), so that 1,631 never sits beside
+    1.43e+03: whole values in full with thousands separators, the others to `digits` significant digits,
+    never in e-notation; `infinite` names +inf (the report says "never" for a break-even)."""
+    if value is None or math.isnan(value):
         return "-"
-    if isinstance(value, float):
-        if math.isinf(value):
-            return "inf"
-        if math.isnan(value):
-            return "-"
-        return f"{value:.{digits}g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
-    return str(value)
+    if math.isinf(value):
+        return infinite if value > 0 else f"-{infinite}"
+    if float(value).is_integer():
+        return f"{int(value):,}"
+    decimals = max(0, digits - 1 - math.floor(math.log10(abs(value))))
+    text = f"{value:,.{decimals}f}"
+    return text.rstrip("0").rstrip(".") if decimals else text
+
+
+def fmt(value: Any) -> str:
+    """A cell: '-' for nothing, numbers by `number`, the rest as str."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, type(None))):
+        return str(value)
+    return number(value)
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

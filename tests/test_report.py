@@ -17,7 +17,8 @@ import pytest
 from optimize import report as report_module
 from optimize import tracking
 from optimize.cli import main
-from optimize.report import best_run, default_path, num, priced, render, resolve, write_report
+from optimize.report import ENV, best_run, default_path, priced, render, resolve, write_report
+from optimize.tables import fmt
 
 NAME = "report-synthetic"
 DEMO_QUERY = "Where is the card I ordered last week?"
@@ -226,7 +227,9 @@ def test_numbers_follow_one_rule(report):
     (1429.5, "1,430"), (413.333, "413"), (0.75, "0.75"), (0.123456, "0.123"), (2.5e-05, "0.000025"),
 ])
 def test_num_writes_counts_in_full_and_the_rest_to_three_significant_digits(value, shown):
-    assert num(value) == shown
+    assert ENV.filters["num"](value) == shown
+    # The terminal's tables follow the same rule (an infinite cost reads "inf" there).
+    assert fmt(value) == shown.replace("never", "inf")
 
 
 @pytest.mark.parametrize("usd, expected", [
