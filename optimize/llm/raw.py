@@ -8,7 +8,8 @@ layout and not of a look-alike.
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Self
 
 from optimize.errors import ModelError
 
@@ -68,7 +69,7 @@ class RawContext:
             self.lc.llama_free(self.ctx)
             self.ctx = None
 
-    def __enter__(self) -> "RawContext":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
