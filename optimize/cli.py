@@ -16,7 +16,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from optimize.errors import ChainoptError
+from optimize.bench import CHILDREN, PATHS, WORKLOADS, format_table, measure, run_bench
+from optimize.errors import ChainoptError, ConfigError
 from optimize.tables import fmt, table
 
 EXAMPLES = {
@@ -236,8 +237,12 @@ def cmd_report(args, out: Output) -> int:
 
 
 def cmd_bench(args, out: Output) -> int:
-    from optimize.bench import format_table, run_bench
-
+    if args.child:  # one measurement of a parent `chainopt bench`, in this fresh process
+        if not args.out:
+            raise ConfigError("--child needs --out, the JSON file its parent reads")
+        data = measure(args.child, args.workload, n=args.n, parallel=args.parallel, model=args.model, seed=args.seed)
+        Path(args.out).write_text(json.dumps(data))
+        return 0
     result = run_bench(args.workload, n=args.n, stock_limit=args.stock_limit,
                        paths=tuple(args.paths.split(",")) if args.paths else None, parallel=args.parallel,
                        model=args.model, seed=args.seed, timeout=args.timeout, progress=out.progress)
@@ -283,14 +288,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to write (must not exist or be empty)")
     p.add_argument("--no-register", action="store_true", help="skip the MLflow model registry")
     p = add("bench", cmd_bench, "measure the stock DSPy + llama.cpp paths against chainopt's engines, side by side")
-    p.add_argument("--workload", default="banking77", choices=["banking77", "gsm8k-chain", "bootstrap"])
+    p.add_argument("--workload", default="banking77", choices=list(WORKLOADS))
     p.add_argument("--n", type=int, help="examples (default: the workload's)")
     p.add_argument("--stock-limit", type=int, help="run the slow stock rows on the first N examples only")
-    p.add_argument("--paths", help="comma-separated rows among server,inproc,sequential,batched")
+    p.add_argument("--paths", help=f"comma-separated rows among {','.join(PATHS)}")
     p.add_argument("--parallel", type=int, default=16, help="threads and batched sequences of chainopt rows")
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="which examples (shuffle seed)")
     p.add_argument("--timeout", type=float, help="seconds allowed per row")
+    # The bench's own children: each measures one row (or the rates) in a fresh process, into --out.
+    p.add_argument("--child", choices=CHILDREN, help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
     p = add("predict", cmd_predict, "run an exported program on new inputs (JSONL in, JSONL out)")
     p.add_argument("export", help="export folder")
     p.add_argument("--input", help="JSONL with the task's input fields; default: the exported evaluation slice")

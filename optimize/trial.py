@@ -2,8 +2,8 @@
 
 Recording an outcome is a separate step (optimize.tracking), so a trial runs wherever its model does
 (a worker with no MLflow in reach, a benchmark child, `chainopt predict`). `run`, `eval`, `predict`
-and `bench` all come through here: `run_trial` for a whole combination, `score` for a program that is
-already built (an export, a bench path with its own LM and adapter).
+and `bench` all come through here: `run_trial` for a whole combination (a bench path brings its own LM
+and adapter), `score` for a program that is already built (an export).
 """
 
 from __future__ import annotations

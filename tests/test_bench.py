@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from optimize.bench import (BenchResult, Rates, Row, _from_json, best_rates, exact_floor_seconds, floor_seconds,
-                            format_table, identical_rate, run_bench, speedup)
+from optimize.bench import (BenchResult, Rates, Row, best_rates, exact_floor_seconds, floor_seconds, format_table,
+                            from_json, identical_rate, run_bench, speedup)
 from optimize.errors import ConfigError
 
 
@@ -39,8 +39,8 @@ def test_kv_classes_survive_the_childs_json() -> None:
 
     rates = Rates(400.0, 200.0, 750, 32, 16, 32, class_decode_tps={256: 250.0, 512: 200.0})
     row = Row("batched", n=1, decoded_by_class={256: 9, 768: 3})
-    assert _from_json(Rates, json.loads(json.dumps(asdict(rates)))) == rates
-    assert _from_json(Row, json.loads(json.dumps(asdict(row)))) == row
+    assert from_json(Rates, json.loads(json.dumps(asdict(rates)))) == rates
+    assert from_json(Row, json.loads(json.dumps(asdict(row)))) == row
 
 
 @pytest.mark.parametrize("measured, expected", [
@@ -108,36 +108,68 @@ def test_table_of_synthetic_result() -> None:
     assert "+ server 400" in table
 
 
-def test_unknown_workload_and_path() -> None:
+def test_an_error_row_is_one_line_under_the_table() -> None:
+    rows = [Row("inproc", n=2, seconds=10.0, input_tokens=4000, input_computed=2200, output_tokens=20, calls=2,
+                adapter="JSONAdapter", answers=["a", "b"]),
+            Row("batched", error="failed: chainopt: error: llama_decode failed with status 1")]
+    tables = [format_table(BenchResult("banking77", "2026-01-01", "cpu", "smollm2-135m", n=2, stock_n=2, parallel=16,
+                                       rates=None, rows=shown)).splitlines() for shown in (rows, rows[:1])]
+    assert "(d) batched: failed: chainopt: error: llama_decode failed with status 1" in tables[0]
+    assert tables[0][2:5] == tables[1][2:5]  # the message does not widen the columns of the measured rows
+
+
+@pytest.mark.parametrize("path, threads, n_ctx, engine", [
+    ("inproc", 1, 4096, "sequential"),  # stock rows: stock_baseline.py's n_ctx, 1 DSPy thread
+    ("sequential", 6, 2048, "sequential"),
+    ("batched", 6, 2048, "batched"),
+])
+def test_a_path_runs_the_workload_as_a_trial(path: str, threads: int, n_ctx: int, engine: str) -> None:
+    from optimize.bench import WORKLOADS
+    from optimize.bench.paths import bench_trial
+
+    trial = bench_trial(path, WORKLOADS["bootstrap"], 7, parallel=6, model="smollm2-135m", seed=3)
+    assert (trial.eval.threads, trial.model.n_ctx, trial.model.engine, trial.model.parallel) == (threads, n_ctx,
+                                                                                                  engine, 6)
+    assert (trial.data.train, trial.data.test, trial.data.seed, trial.eval.split) == (50, 7, 3, "test")
+    assert trial.optimizer.name == "bootstrap_fewshot" and trial.optimizer.settings["max_labeled_demos"] == 16
+    assert bench_trial(path, WORKLOADS["banking77"], 7, parallel=6, model="smollm2-135m", seed=3).optimizer.name == "none"
+
+
+def test_unknown_workload_path_and_parallel() -> None:
     with pytest.raises(ConfigError, match="available: banking77"):
         run_bench("bankin77")
     with pytest.raises(ConfigError, match="unknown path"):
         run_bench("banking77", paths=("inprocess",))
+    with pytest.raises(ConfigError, match="between 1 and 64"):
+        run_bench("banking77", parallel=65)
 
 
 @pytest.mark.model
 def test_tiny_real_run() -> None:
-    result = run_bench("banking77", n=3, paths=("inproc", "sequential", "batched"), parallel=4, timeout=300)
-    assert [r.path for r in result.rows] == ["inproc", "sequential", "batched"]
+    result = run_bench("banking77", n=3, stock_limit=2, paths=("inproc", "sequential", "batched"), parallel=4,
+                       timeout=300)
+    # Every row ran: a row that failed (an error message instead of numbers) fails the test.
+    assert [(r.path, r.error) for r in result.rows] == [("inproc", None), ("sequential", None), ("batched", None)]
     assert result.rates is not None and result.rates.prompt_tps > 0 and result.rates.decode_tps > 0
-    measured = [r for r in result.rows if r.error is None]
-    assert {r.path for r in measured} >= {"inproc", "sequential"}  # (d) may be reported as not available
-    for row in measured:
-        assert row.n == 3 and len(row.answers) == 3
-        assert row.calls >= 3 and row.output_tokens > 0 and row.seconds > 0
+    for row in result.rows:
+        n = 2 if row.path == "inproc" else 3
+        assert row.n == n and len(row.answers) == n
+        assert row.calls >= n and row.input_tokens > 0 and row.output_tokens > 0 and row.seconds > 0
         assert 0 <= row.input_computed <= row.input_tokens and row.input_reused == row.input_tokens - row.input_computed
         assert 0 <= row.parse_failures <= row.n
-        assert math.isclose(row.accuracy * 3, round(row.accuracy * 3))
+        assert math.isclose(row.accuracy * n, round(row.accuracy * n))
         assert row.peak_rss_mb > 50
-    for row in result.rows:
-        assert row.error is None or row.error.startswith(("not available", "failed", "timed out"))
+    batched, sequential = result.row("batched"), result.row("sequential")
+    assert any(answer is not None for answer in batched.answers)
+    assert batched.answers == sequential.answers  # the engines differ in speed, never in answers
     table = format_table(result).splitlines()
     assert len([line for line in table if line.startswith(("(b) inproc", "(c) sequential", "(d) batched"))]) == 3
-    target = result.row("batched") or result.row("sequential")
-    floor = floor_seconds(target.input_computed, target.output_tokens, result.rates.prompt_tps, result.rates.decode_tps)
+    floor = floor_seconds(batched.input_computed, batched.output_tokens, result.rates.prompt_tps,
+                          result.rates.decode_tps)
     assert any(f"= {floor:.1f} s" in line for line in table)
+    assert "(c) vs (d) identical answers: 3/3 (100.0%)" in table
+    assert any("first 2 of the 3 examples" in line for line in table)
     assert sorted(result.rates.class_decode_tps) == list(range(256, 2049, 256))
-    batched = result.row("batched")
-    if batched is not None:  # its decoded tokens, per KV class, priced at the measured class rates
-        assert batched.decoded_by_class and set(batched.decoded_by_class) <= set(result.rates.class_decode_tps)
-        assert any(line.startswith("exact-layout floor for (d)") for line in table)
+    # its decoded tokens, per KV class, priced at the measured class rates
+    assert batched.decoded_by_class and set(batched.decoded_by_class) <= set(result.rates.class_decode_tps)
+    assert any(line.startswith("exact-layout floor for (d)") for line in table)

@@ -46,7 +46,6 @@ whenever the latter is allowed.
 from __future__ import annotations
 
 import ctypes
-import os
 import threading
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
@@ -54,8 +53,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from dspy import lm15
 
-from optimize.llm.types import Completion, Generation, settle_choice
 from optimize.errors import ModelError
+from optimize.llm.raw import Item, RawContext
+from optimize.llm.types import Completion, Generation, settle_choice
 
 WAIT_FOR_SHARED = 64  # wait for a prompt in flight when it will share this many more tokens than the cache
 EMPTY = np.zeros(0, dtype=np.int32)
@@ -145,8 +145,8 @@ class _Sampler:
     def sample(self, row: int) -> int:
         lc, backend = self.lc, self.backend
         if self.chain is not None:
-            return lc.llama_sampler_sample(self.chain, backend.ctx, row)
-        logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(backend.ctx, row), shape=(backend.n_vocab,))
+            return lc.llama_sampler_sample(self.chain, backend.context.ctx, row)
+        logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(backend.context.ctx, row), shape=(backend.n_vocab,))
         token = int(np.argmax(logits))
         if self.grammar is not None:
             if not backend.grammar_allows(self.grammar, token, logits):
@@ -183,27 +183,15 @@ class BatchedBackend:
         self.parallel, self.max_prefixes = parallel, max_prefixes
         self.n_batch = n_batch
         n_streams = parallel + max_prefixes
-        params = lc.llama_context_default_params()
-        params.n_ctx = n_streams * self.cells_per_seq  # llama.cpp gives each stream n_ctx / n_seq_max cells
-        params.n_batch = params.n_ubatch = n_batch
-        params.n_seq_max = n_streams
-        params.kv_unified = False
-        params.n_threads = params.n_threads_batch = n_threads or getattr(llama, "n_threads", None) or os.cpu_count()
-        params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        params.no_perf = True
-        self.ctx = lc.llama_init_from_model(llama._model.model, params)
-        if not self.ctx:
-            raise ModelError(f"llama.cpp could not create a context of {n_streams} KV streams x "
-                             f"{self.cells_per_seq} cells; lower parallel or cells_per_seq")
-        if lc.llama_n_ctx_seq(self.ctx) < self.cells_per_seq:
-            lc.llama_free(self.ctx)
-            raise ModelError(f"llama.cpp gave {lc.llama_n_ctx_seq(self.ctx)} KV cells per sequence, "
-                             f"not {self.cells_per_seq}")
+        self.context = RawContext(llama, n_ctx=n_streams * self.cells_per_seq, n_batch=n_batch, n_seq_max=n_streams,
+                                  unified=False, n_threads=n_threads, flash_attn=flash_attn)
+        cells = lc.llama_n_ctx_seq(self.context.ctx)
+        if cells < self.cells_per_seq:
+            self.context.close()
+            raise ModelError(f"llama.cpp gave {cells} KV cells per sequence, not {self.cells_per_seq}")
         self.kv_bytes = n_streams * self.cells_per_seq * self.bytes_per_cell
-        self.mem = lc.llama_get_memory(self.ctx)
         self.vocab = llama._model.vocab
         self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
-        self.batch = lc.llama_batch_init(n_batch, 0, 1)
         # Candidates for a full grammar scan, and a one-token array for the fast check; worker-thread only.
         self._all = (lc.llama_token_data * self.n_vocab)()
         self._all_view = np.ctypeslib.as_array(self._all)
@@ -251,10 +239,7 @@ class BatchedBackend:
             self._closed = True
             self._cond.notify()
         self._worker.join()
-        lc = self.lc
-        lc.llama_batch_free(self.batch)
-        lc.llama_free(self.ctx)
-        self.ctx = None
+        self.context.close()
 
     @property
     def cached_prefixes(self) -> list[int]:
@@ -347,15 +332,14 @@ class BatchedBackend:
 
     def _start(self, request: _Request, source: int | None, reuse: int) -> None:
         sampler = _Sampler(self, request.job)
-        lc, mem = self.lc, self.mem
         seq = self._destination(request.tokens, reuse)
         if reuse > 0 and _lcp(self._free_slots[seq], request.tokens) >= reuse:
             source = seq  # in place: keep what the stream holds up to the match
             del self._free_slots[seq]
-            lc.llama_memory_seq_rm(mem, seq, reuse, -1)
+            self.context.drop(seq, reuse)
         else:
             del self._free_slots[seq]
-            lc.llama_memory_seq_rm(mem, seq, -1, -1)
+            self.context.drop(seq)
             if source is not None and reuse > 0:
                 self._copy(source, seq, reuse)
             else:
@@ -380,10 +364,7 @@ class BatchedBackend:
         return max(self._free_slots, key=rank)
 
     def _copy(self, src: int, dst: int, n: int) -> None:
-        """Make stream `dst` hold the first `n` tokens of stream `src`: llama.cpp copies only whole
-        streams across streams (applied at the next decode, in order), so copy all and trim."""
-        self.lc.llama_memory_seq_cp(self.mem, src, dst, -1, -1)
-        self.lc.llama_memory_seq_rm(self.mem, dst, n, -1)
+        self.context.copy(src, dst, n)
         self.copies += 1
 
     def _keep_prefix(self, slot: _Slot) -> None:
@@ -429,22 +410,20 @@ class BatchedBackend:
     def _decode(self, work: list[tuple[_Slot, int]]) -> None:
         """Compute `work` in one llama_decode, then sample every sequence that has logits. Tokens go in by
         sequence id: llama.cpp splits a batch over several streams into ubatches of consecutive ids."""
-        n = 0
+        items: list[Item] = []
         for slot, take in sorted(work, key=lambda w: w[0].seq):
             if not slot.in_prefill:
-                self._put(n, slot.output[-1], slot.n_past, slot.seq, True)
-                slot.logits_row, n = n, n + 1
+                slot.logits_row = len(items)
+                items.append((slot.output[-1], slot.n_past, slot.seq, True))
                 continue
             for pos in range(slot.n_past, slot.n_past + take):
                 last = pos == len(slot.prompt) - 1
-                self._put(n, int(slot.prompt[pos]), pos, slot.seq, last)
                 if last:
-                    slot.logits_row = n
-                n += 1
-        self.batch.n_tokens = n
-        status = self.lc.llama_decode(self.ctx, self.batch)
-        if status != 0:
-            error = ModelError(f"llama_decode failed with status {status}")
+                    slot.logits_row = len(items)
+                items.append((int(slot.prompt[pos]), pos, slot.seq, last))
+        try:
+            self.context.decode(items)
+        except ModelError as error:
             for slot, _ in work:
                 self._finish(slot, error=error)
             return
@@ -459,11 +438,6 @@ class BatchedBackend:
                 self._sample(slot)
             except Exception as exc:  # noqa: BLE001 - a failure in one sequence fails only its call
                 self._finish(slot, error=exc)
-
-    def _put(self, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
-        batch = self.batch
-        batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos, 1
-        batch.seq_id[i][0], batch.logits[i] = seq, logits
 
     def _sample(self, slot: _Slot) -> None:
         token = slot.sampler.sample(slot.logits_row)
@@ -487,7 +461,7 @@ class BatchedBackend:
         if keep:
             self._free_slots[slot.seq] = slot.kv_tokens()
         else:
-            self.lc.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
+            self.context.drop(slot.seq)
             self._free_slots[slot.seq] = EMPTY
 
     def _finish(self, slot: _Slot, reason: str = "stop", error: BaseException | None = None, rest: str = "") -> None:
