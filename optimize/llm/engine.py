@@ -1,9 +1,10 @@
 """The DSPy 3.4 engine that runs a GGUF model in-process with llama.cpp.
 
 `LlamaEngine.complete(Request) -> Response` is what `dspy.LM(engine=...)` calls. It formats the
-chat with the model's own template, decodes under the JSON-schema grammar the adapter asks for (so
-answers always parse), counts exact usage (input tokens computed vs reused from the KV cache, output
-tokens, seconds) and hands the actual decoding to a backend:
+chat with the model's own template, decodes under the JSON-schema grammar the adapter asks for (an
+answer that ends parses; one cut off by max_tokens does not), counts exact usage (input tokens computed
+vs reused from the KV cache, output tokens, seconds), reports it to the observers (optimize.llm.types)
+and hands the actual decoding to a backend:
 
   sequential  one llama.cpp context behind a lock; reuses the longest common prefix with the previous call
   batched     many sequences decoded together with prefix sharing (optimize.llm.batched)
