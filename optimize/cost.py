@@ -40,9 +40,14 @@ class Tally:
             self.usage = self.usage + call
             self.by_step[step_name] = self.by_step[step_name] + call
 
+    @property
+    def full(self) -> bool:
+        """At (or past) the ceiling: the next call is refused."""
+        return self.limit is not None and self.usage.tokens >= self.limit
+
     def check(self) -> None:
         """Before a call: a scope already at its ceiling refuses it."""
-        if self.limit is not None and self.usage.tokens >= self.limit:
+        if self.full:
             raise BudgetExceeded(self.label or "chain", self.limit, self.usage.tokens)
 
     @property

@@ -128,6 +128,5 @@ def evaluate(program: dspy.Module, examples: list[dspy.Example], metric: Callabl
     results = executor.execute(run_one, list(enumerate(examples)))
     records = [r for r in results if r is not None]
     return EvalResult(records=records, attempted=len(records), total=len(examples),
-                      stopped_by_budget=stop.is_set() or bool(run_tally and run_tally.limit is not None
-                                                               and run_tally.usage.tokens >= run_tally.limit),
+                      stopped_by_budget=stop.is_set() or bool(run_tally and run_tally.full),
                       wall_seconds=time.perf_counter() - wall0, cpu_seconds=time.process_time() - cpu0)

@@ -22,7 +22,7 @@ from optimize import cost
 from optimize.config import Trial
 from optimize.data import Splits, Task, data_digest
 from optimize.errors import BudgetExceeded, ConfigError
-from optimize.evaluate import ChainRecord, EvalResult, evaluate
+from optimize.evaluate import ChainRecord, EvalResult, evaluate, find_cause
 from optimize.llm.adapter import CacheFriendlyAdapter
 from optimize.llm.engine import build_lm
 from optimize.llm.models import describe
@@ -166,7 +166,7 @@ def run_trial(trial: Trial, splits: Splits, progress: Progress = lambda s: None,
         metrics.update({f"compile_{unit}": value
                         for unit, value in cost.spend_units(phase["spend"], prices(trial)).items()})
         # An optimizer may swallow the refused calls as failed examples and finish: the tally still knows.
-        if _at_ceiling(run_tally):
+        if run_tally.full:
             stopped, compiled_ok = STOPPED_BY_BUDGET, False
             progress(f"run token budget reached while compiling ({run_tally.usage.tokens} of "
                      f"{run_tally.limit} tokens): not evaluated")
@@ -185,13 +185,6 @@ def run_trial(trial: Trial, splits: Splits, progress: Progress = lambda s: None,
                    stopped, compiled if compiled_ok else None)
 
 
-def _at_ceiling(tally: cost.Tally) -> bool:
-    return tally.limit is not None and tally.usage.tokens >= tally.limit
-
-
 def _budget_error(exc: BaseException, run_tally: cost.Tally) -> bool:
     """Whether `exc` (as DSPy wraps it) is the run's budget stopping a compile."""
-    from optimize.evaluate import find_cause
-
-    found = find_cause(exc, BudgetExceeded)
-    return found is not None and _at_ceiling(run_tally)
+    return find_cause(exc, BudgetExceeded) is not None and run_tally.full
