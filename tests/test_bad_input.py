@@ -322,8 +322,9 @@ def test_overflow_fail_records_the_failed_chain_and_injection_stays_data(capsys,
     assert got["long"]["success"] is False and "exceeds the context window" in got["long"]["error"]
     assert got["metrics"]["errors"] == 1 and got["metrics"]["n"] == 4
     labels = {r["label"] for r in GOOD_ROWS} | {"card_arrival"}
-    assert got["inject"]["predicted"] in labels and "HACKED" not in got["inject"]["predicted"]
-    assert not (tmp_path / "HACKED").exists()
+    # The schema's grammar keeps the answer inside the label set whatever the input asks (decoded without it,
+    # an obeying model's "HACKED" would at best be a validator failure: tests/test_programs.py).
+    assert got["inject"]["predicted"] in labels and got["inject"]["validator_failures"] == 0
 
 
 @pytest.mark.model
