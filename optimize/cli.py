@@ -170,11 +170,12 @@ def cmd_compare(args, out: Output) -> int:
     experiment_id, parent = runs_of(name, exp.tracking.uri if exp else None)
     metric = f"{args.unit}_per_success"
     rows = child_rows(experiment_id, parent.info.run_id, metric)
-    text = table(["", "run", "accuracy", metric, "tokens/success", "latency p50", "status"],
-                 [["*" if r["pareto"] else "", r["name"], r["accuracy"], r["cost"],
+    text = table(["", "run", "run id", "accuracy", metric, "tokens/success", "latency p50", "status"],
+                 [["*" if r["pareto"] else "", r["name"], r["run_id"], r["accuracy"], r["cost"],
                    r["metrics"].get("tokens_per_success"), r["metrics"].get("latency_p50"),
                    r["stopped"] or r["status"]] for r in rows])
-    out.result(text + "\n* Pareto-optimal: no other run is both more accurate and cheaper per success.",
+    out.result(text + "\n* Pareto-optimal: no other run is both more accurate and cheaper per success."
+               "\nExport one with: chainopt export RUN_ID --out FOLDER",
                [{k: v for k, v in r.items()} for r in rows])
     return 0
 
