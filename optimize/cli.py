@@ -302,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help=argparse.SUPPRESS)
     p = add("predict", cmd_predict, "run an exported program on new inputs (JSONL in, JSONL out)")
     p.add_argument("export", help="export folder")
-    p.add_argument("--input", help="JSONL with the task's input fields; default: the exported evaluation slice")
+    p.add_argument("--input", help="JSONL with the experiment's input columns ([data] inputs) or the program's input "
+                   "names; default: the exported evaluation slice")
     p.add_argument("--output", required=True)
     p.add_argument("--model", help="model spec to use instead of the manifest's")
     p.add_argument("--force", action="store_true", help="run even if the model file's sha256 differs")
