@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -206,23 +207,27 @@ def cmd_predict(args, out: Output) -> int:
 
 
 def cmd_ui(args, out: Output) -> int:
+    from optimize.interrupts import stop_on
     from optimize.tracking import tracking_uri
     from optimize.ui import start_ui, stop_ui
 
     uri = tracking_uri(args.uri)
     out.progress(f"starting the MLflow UI on {uri} ...")
-    process, url = start_ui(uri, args.port)
-    try:
-        out.result(f"MLflow UI: {url}\n(store {uri}; Ctrl-C to stop)",
-                   {"url": url, "tracking_uri": uri, "pid": process.pid})
-        code = process.wait()
-        print(f"chainopt: error: the MLflow server stopped by itself (exit code {code})", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        out.progress("stopping the MLflow UI")
-        return 0
-    finally:
-        stop_ui(process)
+    # The server runs in its own session, out of reach of the signals sent to us: kill or a closed
+    # terminal must stop it through the same path as Ctrl-C.
+    with stop_on(signal.SIGTERM, signal.SIGHUP):
+        process, url = start_ui(uri, args.port)
+        try:
+            out.result(f"MLflow UI: {url}\n(store {uri}; Ctrl-C to stop)",
+                       {"url": url, "tracking_uri": uri, "pid": process.pid})
+            code = process.wait()
+            print(f"chainopt: error: the MLflow server stopped by itself (exit code {code})", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            out.progress("stopping the MLflow UI")
+            return 0
+        finally:
+            stop_ui(process)
 
 
 def cmd_report(args, out: Output) -> int:

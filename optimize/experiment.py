@@ -21,6 +21,7 @@ from optimize.tracking import TrialResult
 from optimize.config import Experiment
 from optimize.data import load_splits
 from optimize.errors import ChainoptError
+from optimize.interrupts import stop_on
 from optimize.llm.models import describe
 from optimize.optimizers import get_optimizer, resolve_settings
 from optimize.trial import build_program, get_program, identity, program_settings, run_trial
@@ -62,14 +63,6 @@ def check(exp: Experiment, source: Path | None = None) -> None:
         raise type(exc)(f"{source}: {exc}") from None
 
 
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM, turned into the same clean stop as Ctrl-C."""
-
-
-def _on_sigterm(signum, frame):
-    raise Interrupted()
-
-
 def run_experiment(exp: Experiment, source: Path | None = None, progress: Progress = lambda s: None,
                    live: bool | None = None) -> ExperimentResult:
     """Run (or resume) every combination of the sweep and record it in MLflow; `live` forces the progress bar."""
@@ -79,39 +72,28 @@ def run_experiment(exp: Experiment, source: Path | None = None, progress: Progre
     parent = tracking.find_parent(experiment_id, ehash)
     previous = tracking.children(experiment_id, parent.info.run_id) if parent else []
     tracking.mark_killed(previous)  # a run left RUNNING was killed without a chance to say so (SIGKILL)
-    old_handler = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     results: list[TrialResult] = []
-    try:
-        with tracking.parent_run(experiment_id, exp, ehash, parent, source) as parent_id:
-            trials = exp.combinations()
-            for number, trial in enumerate(trials, 1):
-                name = f"{trial.program.name}+{trial.optimizer.name}+{trial.model.spec}+s{trial.seed}"
-                key = identity(trial)
-                done = tracking.finished_child(previous, key)
-                if done is not None:
-                    progress(f"[{number}/{len(trials)}] {name}: finished earlier, reused")
-                    results.append(TrialResult(trial, done.info.run_id, tracking.read_metrics(done), reused=True,
-                                               stopped=done.data.tags.get(tracking.TAG_STOPPED, "")))
-                    continue
-                progress(f"[{number}/{len(trials)}] {name}")
-                splits = load_splits(trial.data)
-                if splits.skipped:
-                    progress(f"    {splits.skipped} malformed row(s) skipped (data.skip_malformed)")
-                with tracking.child_run(experiment_id, name, key) as run_id:
-                    outcome = run_trial(trial, splits, lambda s: progress(f"    {s}"), live)
-                    tracking.record_trial(outcome)
-                results.append(TrialResult(trial, run_id, outcome.metrics, stopped=outcome.stopped,
-                                           records=outcome.records))
-            for result in results:
-                result.metrics.update(tracking.log_break_even(result, results))
-            tracking.mark_pareto(experiment_id, parent_id)
-            return ExperimentResult(exp, experiment_id, parent_id, results, tracking.tracking_uri(exp.tracking.uri))
-    finally:
-        if old_handler is not None:
-            signal.signal(signal.SIGTERM, old_handler)
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
+    with stop_on(signal.SIGTERM), tracking.parent_run(experiment_id, exp, ehash, parent, source) as parent_id:
+        trials = exp.combinations()
+        for number, trial in enumerate(trials, 1):
+            name = f"{trial.program.name}+{trial.optimizer.name}+{trial.model.spec}+s{trial.seed}"
+            key = identity(trial)
+            done = tracking.finished_child(previous, key)
+            if done is not None:
+                progress(f"[{number}/{len(trials)}] {name}: finished earlier, reused")
+                results.append(TrialResult(trial, done.info.run_id, tracking.read_metrics(done), reused=True,
+                                           stopped=done.data.tags.get(tracking.TAG_STOPPED, "")))
+                continue
+            progress(f"[{number}/{len(trials)}] {name}")
+            splits = load_splits(trial.data)
+            if splits.skipped:
+                progress(f"    {splits.skipped} malformed row(s) skipped (data.skip_malformed)")
+            with tracking.child_run(experiment_id, name, key) as run_id:
+                outcome = run_trial(trial, splits, lambda s: progress(f"    {s}"), live)
+                tracking.record_trial(outcome)
+            results.append(TrialResult(trial, run_id, outcome.metrics, stopped=outcome.stopped,
+                                       records=outcome.records))
+        for result in results:
+            result.metrics.update(tracking.log_break_even(result, results))
+        tracking.mark_pareto(experiment_id, parent_id)
+        return ExperimentResult(exp, experiment_id, parent_id, results, tracking.tracking_uri(exp.tracking.uri))
