@@ -43,7 +43,7 @@ class Output:
     def __init__(self, args: argparse.Namespace):
         self.json, self.quiet, self.verbose = args.json, args.quiet, args.verbose
         self.live = False if (self.quiet or self.json) else None  # None: a live bar only on a terminal
-        self.stdout = sys.stdout  # results go here; library prints are sent to stderr while a command runs
+        self.stdout = sys.stdout  # results go here; library prints are redirected while a command runs
 
     def progress(self, message: str) -> None:
         if not self.quiet and not self.json:
@@ -325,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _hush_libraries() -> None:
-    """DSPy's optimizers print and draw tqdm bars of their own; chainopt reports progress itself."""
+    """DSPy's optimizers log and draw tqdm bars of their own; chainopt reports progress itself
+    (their prints are dropped by `main`)."""
     import logging
 
     import tqdm
@@ -355,7 +356,9 @@ def main(argv: list[str] | None = None) -> int:
         _hush_libraries()
     out = Output(args)
     try:
-        with contextlib.redirect_stdout(sys.stderr):
+        # What libraries print (DSPy's teleprompters report every compile, and a KNN program compiles at
+        # every call) is chatter: shown on stderr with -v, dropped otherwise; results go to out.stdout.
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(sys.stderr if args.verbose else devnull):
             return args.func(args, out)
     except ChainoptError as exc:
         if args.verbose:

@@ -84,3 +84,27 @@ def test_compare_table_shows_each_runs_full_id_for_export(mlflow_store, capsys):
     assert "run id" in lines[0]
     for name, run_id in zip(("zero", "fewshot"), ids):
         assert any(name in line.split() and run_id in line.split() for line in lines), (run_id, lines)
+
+
+def _compile_as_knn_does(args, out) -> int:
+    """A command running DSPy's BootstrapFewShot as a KNN program does at every call (labeled demos only,
+    so no model is needed); DSPy prints 'Bootstrapped 0 full traces ...' each time."""
+    import dspy
+
+    trainset = [dspy.Example(query="my card is late", intent="card_arrival").with_inputs("query")]
+    dspy.BootstrapFewShot(max_bootstrapped_demos=0, max_labeled_demos=1).compile(dspy.Predict("query -> intent"),
+                                                                               trainset=trainset)
+    out.result("compiled", {"compiled": True})
+    return 0
+
+
+@pytest.mark.parametrize("flags", [[], ["-q"], ["--json"]], ids=["default", "quiet", "json"])
+def test_library_prints_are_silent_unless_verbose(monkeypatch, capsys, flags):
+    """Fails if DSPy's teleprompter prints reach the terminal (stdout or stderr) without -v."""
+    monkeypatch.setattr("optimize.cli.cmd_programs", _compile_as_knn_does)
+    assert main(["programs", "list", *flags]) == 0
+    captured = capsys.readouterr()
+    assert "compiled" in captured.out and "Bootstrapped" not in captured.out + captured.err
+    assert main(["programs", "list", "-v"]) == 0  # asked for: shown, on stderr, apart from the result
+    captured = capsys.readouterr()
+    assert "Bootstrapped 0 full traces" in captured.err and "Bootstrapped" not in captured.out
