@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -42,7 +43,7 @@ class Output:
     def __init__(self, args: argparse.Namespace):
         self.json, self.quiet, self.verbose = args.json, args.quiet, args.verbose
         self.live = False if (self.quiet or self.json) else None  # None: a live bar only on a terminal
-        self.stdout = sys.stdout  # results go here; library prints are sent to stderr while a command runs
+        self.stdout = sys.stdout  # results go here; library prints are redirected while a command runs
 
     def progress(self, message: str) -> None:
         if not self.quiet and not self.json:
@@ -170,11 +171,12 @@ def cmd_compare(args, out: Output) -> int:
     experiment_id, parent = runs_of(name, exp.tracking.uri if exp else None)
     metric = f"{args.unit}_per_success"
     rows = child_rows(experiment_id, parent.info.run_id, metric)
-    text = table(["", "run", "accuracy", metric, "tokens/success", "latency p50", "status"],
-                 [["*" if r["pareto"] else "", r["name"], r["accuracy"], r["cost"],
+    text = table(["", "run", "run id", "accuracy", metric, "tokens/success", "latency p50", "status"],
+                 [["*" if r["pareto"] else "", r["name"], r["run_id"], r["accuracy"], r["cost"],
                    r["metrics"].get("tokens_per_success"), r["metrics"].get("latency_p50"),
                    r["stopped"] or r["status"]] for r in rows])
-    out.result(text + "\n* Pareto-optimal: no other run is both more accurate and cheaper per success.",
+    out.result(text + "\n* Pareto-optimal: no other run is both more accurate and cheaper per success."
+               "\nExport one with: chainopt export RUN_ID --out FOLDER",
                [{k: v for k, v in r.items()} for r in rows])
     return 0
 
@@ -205,23 +207,27 @@ def cmd_predict(args, out: Output) -> int:
 
 
 def cmd_ui(args, out: Output) -> int:
+    from optimize.interrupts import stop_on
     from optimize.tracking import tracking_uri
     from optimize.ui import start_ui, stop_ui
 
     uri = tracking_uri(args.uri)
     out.progress(f"starting the MLflow UI on {uri} ...")
-    process, url = start_ui(uri, args.port)
-    try:
-        out.result(f"MLflow UI: {url}\n(store {uri}; Ctrl-C to stop)",
-                   {"url": url, "tracking_uri": uri, "pid": process.pid})
-        code = process.wait()
-        print(f"chainopt: error: the MLflow server stopped by itself (exit code {code})", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        out.progress("stopping the MLflow UI")
-        return 0
-    finally:
-        stop_ui(process)
+    # The server runs in its own session, out of reach of the signals sent to us: kill or a closed
+    # terminal must stop it through the same path as Ctrl-C.
+    with stop_on(signal.SIGTERM, signal.SIGHUP):
+        process, url = start_ui(uri, args.port)
+        try:
+            out.result(f"MLflow UI: {url}\n(store {uri}; Ctrl-C to stop)",
+                       {"url": url, "tracking_uri": uri, "pid": process.pid})
+            code = process.wait()
+            print(f"chainopt: error: the MLflow server stopped by itself (exit code {code})", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            out.progress("stopping the MLflow UI")
+            return 0
+        finally:
+            stop_ui(process)
 
 
 def cmd_report(args, out: Output) -> int:
@@ -301,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help=argparse.SUPPRESS)
     p = add("predict", cmd_predict, "run an exported program on new inputs (JSONL in, JSONL out)")
     p.add_argument("export", help="export folder")
-    p.add_argument("--input", help="JSONL with the task's input fields; default: the exported evaluation slice")
+    p.add_argument("--input", help="JSONL with the experiment's input columns ([data] inputs) or the program's input "
+                   "names; default: the exported evaluation slice")
     p.add_argument("--output", required=True)
     p.add_argument("--model", help="model spec to use instead of the manifest's")
     p.add_argument("--force", action="store_true", help="run even if the model file's sha256 differs")
@@ -318,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _hush_libraries() -> None:
-    """DSPy's optimizers print and draw tqdm bars of their own; chainopt reports progress itself."""
+    """DSPy's optimizers log and draw tqdm bars of their own; chainopt reports progress itself
+    (their prints are dropped by `main`)."""
     import logging
 
     import tqdm
@@ -348,7 +356,9 @@ def main(argv: list[str] | None = None) -> int:
         _hush_libraries()
     out = Output(args)
     try:
-        with contextlib.redirect_stdout(sys.stderr):
+        # What libraries print (DSPy's teleprompters report every compile, and a KNN program compiles at
+        # every call) is chatter: shown on stderr with -v, dropped otherwise; results go to out.stdout.
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(sys.stderr if args.verbose else devnull):
             return args.func(args, out)
     except ChainoptError as exc:
         if args.verbose:

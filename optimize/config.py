@@ -186,7 +186,8 @@ def parse_experiment(raw: dict[str, Any], source: str = "<config>") -> Experimen
 
 
 def load_experiment(path: str | Path) -> Experiment:
-    """Read and validate an experiment file; every error names the file, key, value and what is allowed."""
+    """Read and validate an experiment file; every error names the file, key, value and what is allowed.
+    Its relative paths are resolved against its folder, so everything downstream sees absolute paths."""
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -197,4 +198,21 @@ def load_experiment(path: str | Path) -> Experiment:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     raw.setdefault("name", path.stem)
-    return parse_experiment(raw, str(path))
+    return _beside(parse_experiment(raw, str(path)), path.parent)
+
+
+def _beside(exp: Experiment, folder: Path) -> Experiment:
+    """Paths in an experiment file name files beside it, whichever folder chainopt runs in: a relative data
+    path or .gguf model spec becomes absolute against the file's folder (absolute and hf: ones stay)."""
+    def local(value: str) -> str:
+        keep = value.startswith("hf:") or Path(value).expanduser().is_absolute()
+        return value if keep else str((folder / value).resolve())
+
+    def model(cfg: ModelConfig) -> ModelConfig:
+        return cfg.model_copy(update={"spec": local(cfg.spec)}) if cfg.spec.endswith(".gguf") else cfg
+
+    return exp.model_copy(update={
+        "models": tuple(model(m) for m in exp.models),
+        "optimizers": tuple(o.model_copy(update={"teacher": model(o.teacher)}) if o.teacher else o
+                            for o in exp.optimizers),
+        "data": exp.data.model_copy(update={"path": local(exp.data.path)}) if exp.data.path else exp.data})

@@ -397,10 +397,10 @@ def _load_user(cfg: DataConfig) -> Splits:
         name = Path(source).stem
 
     present = set().union(*(row.keys() for row in rows))
-    for column in (*inputs.values(), answer_column):
-        if column not in present:
-            raise DataError(f"{source}: no column {column!r}{did_you_mean(column, sorted(present))}; "
-                            f"columns: {', '.join(sorted(present))}")
+    missing = [column for column in dict.fromkeys((*inputs.values(), answer_column)) if column not in present]
+    if missing:  # every wrong mapping at once, one per line
+        raise DataError("\n".join(f"{source}: no column {column!r}{did_you_mean(column, sorted(present))}; "
+                                   f"columns: {', '.join(sorted(present))}" for column in missing))
 
     records, seen = [], {}
     for where, row in zip(positions, rows):

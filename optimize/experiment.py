@@ -14,18 +14,20 @@ import json
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, TypeVar
 
 from optimize import tracking
 from optimize.tracking import TrialResult
 from optimize.config import Experiment
 from optimize.data import load_splits
-from optimize.errors import ChainoptError
+from optimize.errors import ChainoptError, ConfigError
+from optimize.interrupts import stop_on
 from optimize.llm.models import describe
 from optimize.optimizers import get_optimizer, resolve_settings
 from optimize.trial import build_program, get_program, identity, program_settings, run_trial
 
 Progress = Callable[[str], None]
+T = TypeVar("T")
 
 
 @dataclass
@@ -43,31 +45,35 @@ def experiment_hash(exp: Experiment) -> str:
 
 def check(exp: Experiment, source: Path | None = None) -> None:
     """Fail before anything runs: every program (with its settings, on the data's task), optimizer
-    setting, model and dataset must resolve. With `source`, an error starts with the experiment file's
-    name, as the schema's errors do."""
-    try:
-        for model in exp.models:
-            describe(model.spec)
-        for opt in exp.optimizers:
-            resolve_settings(get_optimizer(opt.name), opt.settings)
-            if opt.teacher is not None:
-                describe(opt.teacher.spec)
-        splits = load_splits(exp.data)
-        for trial in exp.combinations():
-            spec = get_program(trial.program.name)
-            build_program(spec, splits.task, program_settings(trial, spec))
-    except ChainoptError as exc:
-        if source is None:
-            raise
-        raise type(exc)(f"{source}: {exc}") from None
+    setting, model and dataset must resolve. Every miss is reported at once, one per line, as the schema's
+    errors are; with `source`, each line starts with the experiment file's name."""
+    problems: list[ChainoptError] = []
 
+    def attempt(step: Callable[..., T], *args: Any) -> T | None:
+        try:
+            return step(*args)
+        except ChainoptError as exc:
+            problems.append(exc)
+            return None
 
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM, turned into the same clean stop as Ctrl-C."""
-
-
-def _on_sigterm(signum, frame):
-    raise Interrupted()
+    for model in exp.models:
+        attempt(describe, model.spec)
+    for opt in exp.optimizers:
+        optimizer = attempt(get_optimizer, opt.name)
+        if optimizer is not None:
+            attempt(resolve_settings, optimizer, opt.settings)
+        if opt.teacher is not None:
+            attempt(describe, opt.teacher.spec)
+    splits = attempt(load_splits, exp.data)
+    for trial in exp.combinations():
+        spec = attempt(get_program, trial.program.name)
+        if spec is not None and splits is not None:
+            attempt(build_program, spec, splits.task, program_settings(trial, spec))
+    if problems:
+        lines = dict.fromkeys(line if source is None else f"{source}: {line}"
+                              for exc in problems for line in str(exc).splitlines())
+        kinds = {type(exc) for exc in problems}
+        raise (kinds.pop() if len(kinds) == 1 else ConfigError)("\n".join(lines))
 
 
 def run_experiment(exp: Experiment, source: Path | None = None, progress: Progress = lambda s: None,
@@ -79,39 +85,28 @@ def run_experiment(exp: Experiment, source: Path | None = None, progress: Progre
     parent = tracking.find_parent(experiment_id, ehash)
     previous = tracking.children(experiment_id, parent.info.run_id) if parent else []
     tracking.mark_killed(previous)  # a run left RUNNING was killed without a chance to say so (SIGKILL)
-    old_handler = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     results: list[TrialResult] = []
-    try:
-        with tracking.parent_run(experiment_id, exp, ehash, parent, source) as parent_id:
-            trials = exp.combinations()
-            for number, trial in enumerate(trials, 1):
-                name = f"{trial.program.name}+{trial.optimizer.name}+{trial.model.spec}+s{trial.seed}"
-                key = identity(trial)
-                done = tracking.finished_child(previous, key)
-                if done is not None:
-                    progress(f"[{number}/{len(trials)}] {name}: finished earlier, reused")
-                    results.append(TrialResult(trial, done.info.run_id, tracking.read_metrics(done), reused=True,
-                                               stopped=done.data.tags.get(tracking.TAG_STOPPED, "")))
-                    continue
-                progress(f"[{number}/{len(trials)}] {name}")
-                splits = load_splits(trial.data)
-                if splits.skipped:
-                    progress(f"    {splits.skipped} malformed row(s) skipped (data.skip_malformed)")
-                with tracking.child_run(experiment_id, name, key) as run_id:
-                    outcome = run_trial(trial, splits, lambda s: progress(f"    {s}"), live)
-                    tracking.record_trial(outcome)
-                results.append(TrialResult(trial, run_id, outcome.metrics, stopped=outcome.stopped,
-                                           records=outcome.records))
-            for result in results:
-                result.metrics.update(tracking.log_break_even(result, results))
-            tracking.mark_pareto(experiment_id, parent_id)
-            return ExperimentResult(exp, experiment_id, parent_id, results, tracking.tracking_uri(exp.tracking.uri))
-    finally:
-        if old_handler is not None:
-            signal.signal(signal.SIGTERM, old_handler)
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
+    with stop_on(signal.SIGTERM), tracking.parent_run(experiment_id, exp, ehash, parent, source) as parent_id:
+        trials = exp.combinations()
+        for number, trial in enumerate(trials, 1):
+            name = f"{trial.program.name}+{trial.optimizer.name}+{trial.model.spec}+s{trial.seed}"
+            key = identity(trial)
+            done = tracking.finished_child(previous, key)
+            if done is not None:
+                progress(f"[{number}/{len(trials)}] {name}: finished earlier, reused")
+                results.append(TrialResult(trial, done.info.run_id, tracking.read_metrics(done), reused=True,
+                                           stopped=done.data.tags.get(tracking.TAG_STOPPED, "")))
+                continue
+            progress(f"[{number}/{len(trials)}] {name}")
+            splits = load_splits(trial.data)
+            if splits.skipped:
+                progress(f"    {splits.skipped} malformed row(s) skipped (data.skip_malformed)")
+            with tracking.child_run(experiment_id, name, key) as run_id:
+                outcome = run_trial(trial, splits, lambda s: progress(f"    {s}"), live)
+                tracking.record_trial(outcome)
+            results.append(TrialResult(trial, run_id, outcome.metrics, stopped=outcome.stopped,
+                                       records=outcome.records))
+        for result in results:
+            result.metrics.update(tracking.log_break_even(result, results))
+        tracking.mark_pareto(experiment_id, parent_id)
+        return ExperimentResult(exp, experiment_id, parent_id, results, tracking.tracking_uri(exp.tracking.uri))

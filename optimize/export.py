@@ -19,7 +19,7 @@ import dspy
 
 from optimize import tracking
 from optimize.config import ModelConfig, Trial
-from optimize.data import Task, load_splits
+from optimize.data import Row, Task, load_splits
 from optimize.errors import ChainoptError, DataError, ModelError
 from optimize.llm.models import describe
 
@@ -130,9 +130,16 @@ def _rebuild_knn(program: dspy.Module, task: Task, manifest: dict[str, Any], met
     return compile_program(opt, dict(settings), program, ctx)[0]
 
 
-def read_inputs(path: Path, task: Task) -> list[dspy.Example]:
-    """JSONL rows holding the task's input fields (and optionally the gold answer)."""
-    examples = []
+def input_columns(data: dict[str, Any], task: Task) -> dict[str, str]:
+    """Program field -> the column of the user's file the run read it from (the manifest's data section:
+    `[data] inputs` and `answer`), so that predict takes the same file layout the experiment did."""
+    return {**(data.get("inputs") or {}), **({task.answer_field: data["answer"]} if data.get("answer") else {})}
+
+
+def read_inputs(path: Path, task: Task, columns: dict[str, str]) -> tuple[list[Row], list[dspy.Example]]:
+    """JSONL rows holding the task's input fields (and optionally the gold answer), each under the user's
+    column of `columns` or under the program's own field name; returns the rows as read and their examples."""
+    rows, examples = [], []
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
@@ -144,13 +151,20 @@ def read_inputs(path: Path, task: Task) -> list[dspy.Example]:
             row = json.loads(line)
         except ValueError as exc:
             raise DataError(f"{path}: line {number}: invalid JSON ({exc.msg})") from None
-        missing = [f for f in task.input_fields if f not in row] if isinstance(row, dict) else list(task.input_fields)
+        row = row if isinstance(row, dict) else {}
+        found = {field: next((c for c in (columns.get(field, field), field) if c in row), None)
+                 for field in (*task.input_fields, task.answer_field)}
+        fields = {field: row[column] for field, column in found.items() if column is not None}
+        missing = [field for field in task.input_fields if field not in fields]
         if missing:
-            raise DataError(f"{path}: line {number}: missing input field(s) {', '.join(missing)}")
-        examples.append(dspy.Example(**row).with_inputs(*task.input_fields))
+            names = ", ".join(repr(columns.get(f, f)) + (f" (or {f!r})" if columns.get(f, f) != f else "")
+                              for f in missing)
+            raise DataError(f"{path}: line {number}: missing input column(s) {names}")
+        rows.append(row)
+        examples.append(dspy.Example(**{**row, **fields}).with_inputs(*task.input_fields))
     if not examples:
         raise DataError(f"{path}: no input rows")
-    return examples
+    return rows, examples
 
 
 def predict_file(folder: Path, input_path: Path, output_path: Path, *, model_spec: str | None = None,
@@ -160,7 +174,7 @@ def predict_file(folder: Path, input_path: Path, output_path: Path, *, model_spe
     from optimize.trial import get_program, score
 
     exported = load_export(folder, model_spec=model_spec, force=force)
-    examples = read_inputs(input_path, exported.task)
+    rows, examples = read_inputs(input_path, exported.task, input_columns(exported.manifest["data"], exported.task))
     answer = exported.task.answer_field
     metric = get_program(exported.manifest["program"]["name"]).metric(exported.task)
     _, result = score(exported.program, examples, metric, exported.task, lm=build_lm(exported.model),
@@ -168,8 +182,8 @@ def predict_file(folder: Path, input_path: Path, output_path: Path, *, model_spe
     records = sorted(result.records, key=lambda r: r.index)
     tmp = Path(output_path).with_suffix(".partial")
     with tmp.open("w") as handle:
-        for example, record in zip(examples, records):
-            handle.write(json.dumps({**dict(example), answer: record.predicted, "gold": record.gold,
+        for row, record in zip(rows, records):
+            handle.write(json.dumps({**row, answer: record.predicted, "gold": record.gold,
                                      "success": record.success if record.gold is not None else None,
                                      "error": record.error, "steps": record.steps,
                                      "tokens": record.usage.tokens}, default=str) + "\n")

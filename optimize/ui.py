@@ -52,11 +52,11 @@ def server_command(uri: str, port: int) -> list[str]:
 
 
 def wait_until_up(process: subprocess.Popen, url: str, timeout: float, log: deque[str]) -> None:
-    """Poll /health until it answers; a server that exits early says why (the tail of its log)."""
+    """Poll /health until it answers; a server that exits early says why (the tail of its log).
+    On any error the caller stops the server."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if any("address already in use" in line for line in list(log)):  # the server lingers before exiting
-            stop_ui(process)
             raise ChainoptError(f"{url} is in use by another program: choose another --port, or leave it out")
         if process.poll() is not None:
             time.sleep(0.2)  # let the reader thread take the last lines
@@ -70,7 +70,6 @@ def wait_until_up(process: subprocess.Popen, url: str, timeout: float, log: dequ
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.3)
-    stop_ui(process)
     raise ChainoptError(f"the MLflow server did not answer at {url} within {timeout:.0f} s")
 
 
@@ -87,7 +86,11 @@ def start_ui(uri: str | None = None, port: int | None = None, timeout: float = 9
                                text=True, errors="replace", start_new_session=True, env=env)
     log: deque[str] = deque(maxlen=50)
     threading.Thread(target=_keep_tail, args=(process, log), daemon=True).start()
-    wait_until_up(process, url, timeout, log)
+    try:
+        wait_until_up(process, url, timeout, log)
+    except BaseException:  # an error, or Ctrl-C/SIGTERM while it starts: never leave the server behind
+        stop_ui(process)
+        raise
     return process, url
 
 

@@ -146,6 +146,37 @@ def test_every_problem_reported_at_once(capsys, tmp_path):
     assert code == 2 and "data.train" in err and "max_token" in err and "Traceback" not in err
 
 
+REGISTRY_MISSES = [
+    # (what, experiment text from the data file's path, the misses, each on its own line)
+    ("optimizer, program, model and data file",
+     lambda data: USER_DATA.format(path=data.parent / "absent.jsonl").replace('name = "none"', 'name = "mipro"')
+     .replace('spec = "smollm2-135m"', 'spec = "smollm9"').replace('"intent.predict"', '"intent.predikt"'),
+     ["unknown optimizer 'mipro'", "unknown program 'intent.predikt'", "unknown model 'smollm9'", "absent.jsonl"]),
+    ("optimizer and two columns",
+     lambda data: USER_DATA.format(path=data).replace('name = "none"', 'name = "mipro"')
+     .replace('{ query = "text" }', '{ query = "txt" }').replace('answer = "label"', 'answer = "lable"'),
+     ["unknown optimizer 'mipro'", "no column 'txt'", "no column 'lable'"]),
+    ("dataset, teacher model and optimizer setting",
+     lambda data: BASE.replace('"banking77"', '"banking78"').replace(
+         'name = "none"', 'name = "labeled_fewshot"\nsettings = { kk = 2 }\nteacher = { spec = "/nowhere/t.gguf" }'),
+     ["unknown dataset 'banking78'", "model file not found", "no setting 'kk'"]),
+]
+
+
+@pytest.mark.parametrize("what, make, misses", REGISTRY_MISSES, ids=[c[0] for c in REGISTRY_MISSES])
+def test_every_registry_miss_reported_at_once(capsys, tmp_path, mlflow_store, what, make, misses):
+    """Fails if `check` stops at the first unknown name, missing file or wrong column: the user fixes one,
+    runs again and meets the next. Each miss is one line naming the experiment file."""
+    path = write(tmp_path, make(jsonl(tmp_path, GOOD_ROWS)))
+    code, err = cli(capsys, "validate", str(path))
+    assert_clean_error(code, err, *misses)
+    lines = err.removeprefix("chainopt: error: ").splitlines()
+    assert code == 2 and len(lines) == len(misses), err
+    assert all(line.startswith(f"{path}: ") for line in lines), err
+    assert all(sum(miss in line for line in lines) == 1 for miss in misses), err
+    assert untouched(mlflow_store)
+
+
 def test_missing_experiment_file(capsys, tmp_path):
     assert_clean_error(*cli(capsys, "run", str(tmp_path / "nope.toml")), "experiment file not found", "nope.toml")
 

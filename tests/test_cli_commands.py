@@ -1,10 +1,12 @@
-"""`chainopt eval` and the `list` commands, through `main(argv)` (exit code and printed output)."""
+"""`chainopt eval`, `compare` and the `list` commands, through `main(argv)` (exit code and printed output)."""
 
 import json
 
+import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
+from optimize import tracking
 from optimize.cli import main
 
 PROGRAMS = {"intent.predict": "intent", "intent.cot": "intent", "intent.chain": "intent",
@@ -65,3 +67,44 @@ def test_list_commands_print_a_table(argv, names, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in names)
+
+
+def test_compare_table_shows_each_runs_full_id_for_export(mlflow_store, capsys):
+    """Fails if the human compare table leaves out the run id that `chainopt export RUN_ID` needs."""
+    experiment_id = tracking.setup("compare-ids", mlflow_store)
+    ids = []
+    with mlflow.start_run(experiment_id=experiment_id, tags={tracking.TAG_KIND: "parent"}):
+        for name, accuracy in (("zero", 0.5), ("fewshot", 0.75)):
+            with mlflow.start_run(run_name=name, nested=True, experiment_id=experiment_id,
+                                  tags={tracking.TAG_KIND: "child"}) as child:
+                mlflow.log_metrics({"accuracy": accuracy, "seconds_per_success": 1.0})
+                ids.append(child.info.run_id)
+    assert main(["compare", "compare-ids"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "run id" in lines[0]
+    for name, run_id in zip(("zero", "fewshot"), ids):
+        assert any(name in line.split() and run_id in line.split() for line in lines), (run_id, lines)
+
+
+def _compile_as_knn_does(args, out) -> int:
+    """A command running DSPy's BootstrapFewShot as a KNN program does at every call (labeled demos only,
+    so no model is needed); DSPy prints 'Bootstrapped 0 full traces ...' each time."""
+    import dspy
+
+    trainset = [dspy.Example(query="my card is late", intent="card_arrival").with_inputs("query")]
+    dspy.BootstrapFewShot(max_bootstrapped_demos=0, max_labeled_demos=1).compile(dspy.Predict("query -> intent"),
+                                                                               trainset=trainset)
+    out.result("compiled", {"compiled": True})
+    return 0
+
+
+@pytest.mark.parametrize("flags", [[], ["-q"], ["--json"]], ids=["default", "quiet", "json"])
+def test_library_prints_are_silent_unless_verbose(monkeypatch, capsys, flags):
+    """Fails if DSPy's teleprompter prints reach the terminal (stdout or stderr) without -v."""
+    monkeypatch.setattr("optimize.cli.cmd_programs", _compile_as_knn_does)
+    assert main(["programs", "list", *flags]) == 0
+    captured = capsys.readouterr()
+    assert "compiled" in captured.out and "Bootstrapped" not in captured.out + captured.err
+    assert main(["programs", "list", "-v"]) == 0  # asked for: shown, on stderr, apart from the result
+    captured = capsys.readouterr()
+    assert "Bootstrapped 0 full traces" in captured.err and "Bootstrapped" not in captured.out

@@ -1,5 +1,7 @@
 """Experiment files: every shipped file loads and validates; mistakes are reported at once, with the fix."""
 
+import json
+
 import pytest
 
 from optimize.config import Experiment, ModelConfig, load_experiment, parse_experiment
@@ -98,3 +100,36 @@ def test_frozen():
     exp = Experiment(name="f")
     with pytest.raises(Exception):
         exp.name = "g"
+
+
+def test_paths_are_relative_to_the_experiment_file_not_the_current_folder(tmp_path, monkeypatch):
+    """Fails if `path = "mine.jsonl"` in exps/x.toml is read from the current folder instead of exps/."""
+    (tmp_path / "exps").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    path = tmp_path / "exps" / "x.toml"
+    path.write_text('[data]\npath = "mine.jsonl"\ntask = "intent"\n'
+                    '[[models]]\nspec = "models/m.gguf"\n[[models]]\nspec = "/abs/m.gguf"\n'
+                    '[[models]]\nspec = "hf:owner/repo/m.gguf"\n[[models]]\nspec = "smollm2-135m"\n'
+                    '[optimizer]\nname = "bootstrap_fewshot"\nteacher = { spec = "../teacher.gguf" }\n')
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    exp = load_experiment("../exps/x.toml")
+    assert exp.data.path == str(tmp_path / "exps" / "mine.jsonl")
+    assert [m.spec for m in exp.models] == [str(tmp_path / "exps/models/m.gguf"), "/abs/m.gguf",
+                                            "hf:owner/repo/m.gguf", "smollm2-135m"]
+    assert exp.optimizers[0].teacher.spec == str(tmp_path / "teacher.gguf")
+    hub = tmp_path / "exps" / "hub.toml"
+    hub.write_text('[data]\npath = "hf:owner/name"\ntask = "qa"\n')
+    assert load_experiment(hub).data.path == "hf:owner/name"
+
+
+def test_validate_finds_the_data_file_beside_the_experiment(tmp_path, monkeypatch, capsys):
+    """The user's case: `chainopt validate exps/x.toml` run from the project folder reads exps/mine.jsonl."""
+    from optimize.cli import main
+
+    (tmp_path / "exps").mkdir()
+    rows = [{"text": f"my card {i} has not arrived", "label": "card_arrival"} for i in range(3)]
+    (tmp_path / "exps" / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "exps" / "x.toml").write_text('[data]\npath = "mine.jsonl"\ntask = "intent"\n'
+                                              'inputs = { query = "text" }\nanswer = "label"\ntrain = 1\ntest = 2\n')
+    monkeypatch.chdir(tmp_path)
+    assert main(["validate", "exps/x.toml"]) == 0, capsys.readouterr().err

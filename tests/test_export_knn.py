@@ -94,3 +94,11 @@ def test_the_registered_model_loads_and_answers_in_a_fresh_process(exported, roo
     labels = set(exported["manifest"]["task"]["labels"])
     assert len(served) == len(queries) and set(served) <= labels
     assert served == [a["intent"] for a in exported["answers"]]
+
+
+def test_predict_keeps_dspys_compile_chatter_to_itself(exported, tmp_path, capfd):
+    """A KNN program compiles a BootstrapFewShot at every call and DSPy prints 'Bootstrapped 0 full traces…'
+    each time. Fails if that reaches the terminal without -v."""
+    assert main(["predict", str(exported["out"]), "--output", str(tmp_path / "again.jsonl")]) == 0
+    captured = capfd.readouterr()
+    assert "wrote 3 answers" in captured.out and "Bootstrapped" not in captured.out + captured.err

@@ -79,3 +79,44 @@ def test_cli_serves_the_store_named_by_the_environment_until_interrupted():
             proc.kill()
     with pytest.raises((urllib.error.URLError, OSError)):
         _get(f"{info['url']}/health")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_terminated_ui_stops_the_server_it_started(sig):
+    """`kill` (SIGTERM) or a closed terminal (SIGHUP) stops `chainopt ui` as Ctrl-C does. Fails if the MLflow
+    server, which runs in its own session out of reach of our signals, outlives the command."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "optimize", "ui", "--port", str(port), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL))  # as in a terminal, not nohup
+    server = None
+    try:
+        lines = []
+        while not lines or lines[-1] != "}\n":
+            line = proc.stdout.readline()
+            assert line, f"chainopt ui ended early: {proc.stderr.read()}"
+            lines.append(line)
+        info = json.loads("".join(lines))
+        server = info["pid"]
+        assert info["url"] == f"http://127.0.0.1:{port}"
+        with urllib.request.urlopen(f"{info['url']}/health", timeout=10) as response:
+            assert response.status == 200
+        proc.send_signal(sig)
+        code = proc.wait(60)
+        assert not _alive(server), "the MLflow server outlived chainopt ui"
+        assert code == 0
+        with pytest.raises((urllib.error.URLError, OSError)):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if server is not None and _alive(server):
+            os.killpg(server, signal.SIGKILL)

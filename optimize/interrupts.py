@@ -1,0 +1,33 @@
+"""Being told to stop is Ctrl-C: SIGTERM (`kill`, a supervisor) and SIGHUP (the terminal closed) unwind
+through the same `except KeyboardInterrupt` and `finally` blocks, so what a command started (a child run,
+the MLflow server) is stopped and recorded instead of left behind."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+
+
+class Interrupted(KeyboardInterrupt):
+    """A termination signal, turned into the same clean stop as Ctrl-C."""
+
+
+def _interrupt(signum, frame) -> None:
+    raise Interrupted()
+
+
+@contextlib.contextmanager
+def stop_on(*signals: signal.Signals) -> Iterator[None]:
+    """Within the block, `signals` raise Interrupted; a signal the process was started ignoring (`nohup`
+    ignores SIGHUP) stays ignored. Only the main thread can set handlers: elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    kept = {sig: signal.signal(sig, _interrupt) for sig in signals if signal.getsignal(sig) is not signal.SIG_IGN}
+    try:
+        yield
+    finally:
+        for sig, handler in kept.items():
+            signal.signal(sig, handler)
