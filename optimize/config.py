@@ -29,6 +29,8 @@ class DataConfig(Section):
 
     dataset: str = "banking77"
     train: int = Field(50, ge=0)
+    compile_train: int | None = Field(None, ge=1, description="training examples optimizers compile on "
+                                      "(the first of the train split); default: all. Retrieval always sees all")
     dev: int = Field(0, ge=0)
     test: int = Field(50, ge=0)
     seed: int = 0

@@ -33,6 +33,7 @@ from optimize.registry import Registry
 from programs import PROGRAMS as _PROGRAMS
 from programs import ProgramSpec
 from programs.contract import ProgramError
+from programs.retrieval import fill_retrievers
 
 Progress = Callable[[str], None]
 PROGRAMS: Registry[ProgramSpec] = Registry("program", _PROGRAMS)
@@ -149,6 +150,7 @@ def run_trial(trial: Trial, splits: Splits, progress: Progress = lambda s: None,
         params.update({f"teacher.{k.removeprefix('model.')}": v for k, v in describe(trial.optimizer.teacher.spec)
                        .as_params().items()})
     student = build_program(spec, splits.task, settings)
+    fill_retrievers(student, splits.train)  # retrieval sees the whole training split
     metric = spec.metric(splits.task)
     watts = trial.cost.watts_per_core
     metrics: dict[str, float] = {"skipped_rows": splits.skipped}
@@ -156,7 +158,7 @@ def run_trial(trial: Trial, splits: Splits, progress: Progress = lambda s: None,
     with dspy.context(lm=lm, adapter=adapter_ or adapter()), \
             cost.metered("run", trial.budget.run_tokens, all_threads=True) as run_tally:
         with timed(f"compiling with {opt_spec.name}", progress, live=live), cost.spending(watts) as phase:
-            ctx = CompileInputs(metric=metric, trainset=splits.train, valset=splits.dev, teacher_lm=teacher,
+            ctx = CompileInputs(metric=metric, trainset=splits.train[:trial.data.compile_train], valset=splits.dev, teacher_lm=teacher,
                                 seed=trial.seed, threads=trial.eval.threads, input_fields=splits.task.input_fields)
             try:
                 compiled, teleprompter = compile_program(opt_spec, dict(opt_settings), student, ctx)

@@ -3,6 +3,9 @@
 - `step("name")` labels the LM calls made inside it as one step of a chain; a runner reads the label
   of each call with `current_step()` to count tokens per step.
 - `ProgramError`: a program asked for with settings or a task it cannot take; a runner shows its message.
+- `PER_CALL_CHOICES`: the extra a program sets on a `Literal` output field whose choices it narrows on
+  every call, so that a prompt-formatting adapter puts them after the call's inputs, not in the shared
+  system message (optimize.llm.adapter reads it by this name).
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import contextvars
 from contextlib import contextmanager
 from typing import Iterator
+
+PER_CALL_CHOICES = "per_call_choices"
 
 _step: contextvars.ContextVar[str] = contextvars.ContextVar("chainopt_step", default="predict")
 

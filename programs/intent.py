@@ -2,55 +2,65 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Literal, Sequence
 
 import dspy
 
-from programs.contract import step
+from programs.contract import PER_CALL_CHOICES, ProgramError, step
 from programs.metrics import LabelMatch
-from programs.registry import ProgramSpec, Record, TaskLike, UnreadableOutput, ask
+from programs.registry import ProgramSpec, Record, TaskLike, Tunable, UnreadableOutput, ask
+from programs.retrieval import Retriever
 from programs.validators import LabelError, check_label, normalize_label
 
-# Keyword → group, first match wins, so every label lands in exactly one group; labels that match
-# nothing go to "other". The order matters: "top_up_by_card_charge" is a top-up, not a card or a fee,
-# and "card_payment_wrong_exchange_rate" is an exchange question. Keywords match whole words of the label.
-GROUP_KEYWORDS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("top_up", ("top_up", "topping_up")),
-    ("cash_and_atm", ("cash", "atm", "cheque")),
-    ("exchange_and_currency", ("exchange", "currency", "currencies", "fiat", "country")),
-    ("transfer", ("transfer", "beneficiary", "receiving_money")),
-    ("payment_and_refund", ("payment", "charge", "charged", "fee", "refund", "transaction", "debit", "pay")),
-    ("identity_and_security", ("identity", "verify", "passcode", "pin", "phone", "compromised", "personal")),
-    ("new_card", ("arrival", "delivery", "order", "get", "getting", "activate", "expire")),
-    ("card", ("card", "contactless", "visa", "mastercard")),
-    ("account", ("account", "age")),
-)
-OTHER_GROUP = "other"
 CLASSIFY = "Classify the customer request."
+# Words that join a label's name but say nothing of its topic (a library stop list drops "top" of "top_up").
+LINKING_WORDS = ("a", "an", "and", "by", "for", "from", "in", "into", "is", "my", "not", "of", "on", "or", "the",
+                 "to", "via", "why", "with")
 
 
-def derive_groups(labels: Sequence[str]) -> dict[str, tuple[str, ...]]:
-    """Non-empty groups in GROUP_KEYWORDS order (then "other"), each with its labels in the given order."""
-    groups: dict[str, list[str]] = {name: [] for name, _ in GROUP_KEYWORDS}
-    groups[OTHER_GROUP] = []
-    for label in labels:
-        words = f"_{normalize_label(label)}_"
-        group = next((name for name, keys in GROUP_KEYWORDS if any(f"_{k}_" in words for k in keys)), OTHER_GROUP)
-        groups[group].append(label)
-    return {name: tuple(members) for name, members in groups.items() if members}
+def derive_groups(labels: Sequence[str], size: int = 0) -> dict[str, tuple[str, ...]]:
+    """Topic groups of a label set, found from the label names alone so that any label set has them.
+
+    Labels are clustered by the words of their names (TF-IDF over words, k-means with a fixed seed),
+    into about sqrt(n) groups (or n / `size`); a group is named by its most telling word. Every label
+    lands in exactly one group, groups keep the labels' order, and the result is the same on every run.
+    """
+    from sklearn.cluster import KMeans
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    labels = list(labels)
+    n_groups = max(1, min(len(labels), round(len(labels) / size) if size else round(len(labels) ** 0.5)))
+    if n_groups == 1:
+        return {"all": tuple(labels)}
+    names = [" ".join(normalize_label(label).split("_")) for label in labels]
+    vectorizer = TfidfVectorizer(token_pattern=r"[^\s]+", stop_words=list(LINKING_WORDS))
+    vectors = vectorizer.fit_transform(names)
+    assigned = KMeans(n_clusters=n_groups, n_init=10, random_state=0).fit_predict(vectors)
+    words = vectorizer.get_feature_names_out()
+    groups: dict[str, tuple[str, ...]] = {}
+    for cluster in dict.fromkeys(assigned):  # in the order the labels first reach each cluster
+        rows = [i for i, c in enumerate(assigned) if c == cluster]
+        weights = vectors[rows].sum(axis=0).A1
+        ranked = [words[j] for j in weights.argsort()[::-1] if weights[j] > 0]
+        name = next((w for w in ranked if w not in groups), f"group_{len(groups) + 1}")
+        groups[name] = tuple(labels[i] for i in rows)
+    return groups
 
 
 def _signature(
-    task: TaskLike, outputs: dict[str, tuple[Any, str]], instructions: str, feedback: bool = False
+    task: TaskLike, outputs: dict[str, tuple[Any, str]], instructions: str, feedback: bool = False,
+    examples: str = "",
 ) -> type[dspy.Signature]:
-    fields: dict[str, Any] = {name: (str, dspy.InputField()) for name in task.input_fields}
+    fields: dict[str, Any] = {"examples": (str, dspy.InputField(desc=examples))} if examples else {}
+    fields.update({name: (str, dspy.InputField()) for name in task.input_fields})
     if feedback:
         fields["feedback"] = (str, dspy.InputField(desc="why earlier answers were rejected"))
     fields.update({name: (kind, dspy.OutputField(desc=desc)) for name, (kind, desc) in outputs.items()})
     return dspy.Signature(fields, instructions)
 
 
-def _choose(predictor: dspy.Module, output: str, labels: Sequence[str], inputs: dict[str, Any], record: Record) -> str:
+def _choose(predictor: dspy.Module, output: str, inputs: dict[str, Any], labels: Sequence[str], record: Record) -> str:
     """One LM call whose answer must be one of `labels`; raises LabelError (or UnreadableOutput) otherwise."""
     record.steps += 1
     value, note = ask(predictor, output, inputs, record)
@@ -74,7 +84,7 @@ class IntentClassifier(dspy.Module):
         label = None
         with step("classify"):
             try:
-                label = _choose(self.classify, self.output, self.labels, inputs, record)
+                label = _choose(self.classify, self.output, inputs, self.labels, record)
             except (LabelError, UnreadableOutput) as e:
                 record.fail(f"classify: {e}")
         return record.prediction(**{self.output: label})
@@ -121,13 +131,13 @@ class IntentChain(dspy.Module):
         group = label = None
         try:
             with step("group"):
-                group = _choose(self.group, "group", list(self.groups), inputs, record)
+                group = _choose(self.group, "group", inputs, list(self.groups), record)
             members = self.groups[group]
             if len(members) == 1:
                 label = members[0]
             else:
                 with step("label"):
-                    label = _choose(self.fine[group], self.output, members, inputs, record)
+                    label = _choose(self.fine[group], self.output, inputs, members, record)
         except (LabelError, UnreadableOutput) as e:
             stage = "group" if group is None else f"label in group {group}"
             rejections.append(f"{stage}: {e}")
@@ -137,11 +147,100 @@ class IntentChain(dspy.Module):
             with step("label.retry"):
                 try:
                     feedback = "\n".join(rejections)
-                    label = _choose(self.retry, self.output, self.labels, {**inputs, "feedback": feedback}, record)
+                    label = _choose(self.retry, self.output, {**inputs, "feedback": feedback}, self.labels, record)
                 except (LabelError, UnreadableOutput) as e:
                     rejections.append(f"retry {record.retries}: {e}")
                     record.fail(rejections[-1])
         return record.prediction(**{self.output: label, "group": group})
+
+
+class IntentRetrieve(dspy.Module):
+    """Retrieval, then one narrowed choice: the k training examples most like the query become its demos,
+    and the answer must be one of their labels (the decoding grammar admits nothing else).
+
+    The prompt keeps the instruction and any compiled demos first, shared by every call, then the
+    retrieved demos (the most similar last, next to the query, unless `nearest_last` = 0), then the query
+    and its choices. `inline` = 1 writes the retrieved demos as one compact input field instead of a
+    conversation turn each (fewer tokens to compute per query). The choices are the neighbours' labels,
+    most votes first, at most `candidates` of them (0: all). When at least `agree` of the k neighbours
+    share one label (0: never), or all share one, that label is the answer and no LM call is made. An
+    answer the label check rejects is retried over the whole label set, told why.
+    """
+
+    def __init__(self, task: TaskLike, k: int = 8, candidates: int = 0, nearest_last: int = 1, agree: int = 0,
+                 inline: int = 0, max_retries: int = 1, embedder: str = "tfidf"):
+        super().__init__()
+        if k < 1:
+            raise ProgramError(f"intent.retrieve needs k >= 1, got {k}")
+        self.inputs, self.output, self.labels = tuple(task.input_fields), task.answer_field, tuple(task.labels)
+        self.settings = Tunable(k=k, candidates=candidates, nearest_last=nearest_last, agree=agree, inline=inline,
+                                max_retries=max_retries)
+        self.retrieve = Retriever(task.input_fields, embedder=embedder)
+        self.classify = dspy.Predict(_signature(task, {self.output: (str, "the intent label")}, CLASSIFY))
+        self.classify_inline = dspy.Predict(_signature(
+            task, {self.output: (str, "the intent label")}, CLASSIFY,
+            examples="requests like this one with their labels, one per line, the most similar last"))
+        self.retry = dspy.Predict(
+            _signature(
+                task, {self.output: (Literal[self.labels], "the intent label")},
+                f"{CLASSIFY} Earlier answers were rejected for the reasons given in feedback.",
+                feedback=True,
+            )
+        )
+
+    def choices(self, neighbours: Sequence[dspy.Example]) -> tuple[tuple[str, ...], int]:
+        """The neighbours' known labels, most votes first (ties: the nearer first), at most `candidates`
+        of them (0: all), and the top label's number of votes."""
+        votes = Counter(str(d[self.output]) for d in neighbours)
+        ranked = sorted((label for label in dict.fromkeys(str(d[self.output]) for d in neighbours)
+                         if label in self.labels), key=lambda label: -votes[label])
+        limit = self.settings["candidates"]
+        return tuple(ranked[:limit] if limit else ranked), votes[ranked[0]] if ranked else 0
+
+    def forward(self, **kwargs: Any) -> dspy.Prediction:
+        record = Record()
+        inputs = {name: kwargs[name] for name in self.inputs}
+        with step("retrieve"):
+            neighbours = self.retrieve(self.settings["k"], **inputs)  # most similar first
+        choices, top_votes = self.choices(neighbours)
+        choices = choices or self.labels
+        agree = self.settings["agree"]
+        label, rejections = None, []
+        if len(choices) == 1 or (agree and top_votes >= agree):
+            label = choices[0]
+            record.note(f"{top_votes} of {len(neighbours)} neighbours have label {label}: no call")
+        else:
+            demos = neighbours[::-1] if self.settings["nearest_last"] else neighbours
+            with step("classify"):
+                try:
+                    label = _choose(*self._request(inputs, demos, choices), choices, record=record)
+                except (LabelError, UnreadableOutput) as e:
+                    rejections.append(f"classify: {e}")
+                    record.fail(rejections[-1])
+        while label is None and record.retries < self.settings["max_retries"]:
+            record.retries += 1
+            with step("classify.retry"):
+                try:
+                    feedback = "\n".join(rejections)
+                    label = _choose(self.retry, self.output, {**inputs, "feedback": feedback}, self.labels, record)
+                except (LabelError, UnreadableOutput) as e:
+                    rejections.append(f"retry {record.retries}: {e}")
+                    record.fail(rejections[-1])
+        return record.prediction(**{self.output: label})
+
+    def _request(self, inputs: dict[str, Any], demos: Sequence[dspy.Example], choices: tuple[str, ...]):
+        """The predictor and its inputs: retrieved demos as turns or inline, the choices fixed for this call."""
+        predictor = self.classify_inline if self.settings["inline"] else self.classify
+        signature = predictor.signature.with_updated_fields(self.output, type_=Literal[choices],
+                                                            **{PER_CALL_CHOICES: True})
+        call = {**inputs, "signature": signature}
+        if self.settings["inline"]:
+            call["examples"] = "\n".join(f"{' '.join(str(d[f]) for f in self.inputs)} -> {d[self.output]}"
+                                          for d in demos)
+            call["demos"] = predictor.demos
+        else:
+            call["demos"] = [*predictor.demos, *demos]
+        return predictor, self.output, call
 
 
 def _label_metric(task: TaskLike) -> LabelMatch:
@@ -161,5 +260,12 @@ SPECS = (
     ProgramSpec(
         "intent.chain", "intent", "topic group, then the label within it; validated, with retries",
         IntentChain, _chain_metric, settings={"max_retries": 2},
+    ),
+    ProgramSpec(
+        "intent.retrieve", "intent",
+        "k similar training examples as demos, the answer narrowed to their labels; validated, with a retry",
+        IntentRetrieve, _label_metric,
+        settings={"k": 8, "candidates": 0, "nearest_last": 1, "agree": 0, "inline": 0, "max_retries": 1,
+                  "embedder": "tfidf"},
     ),
 )

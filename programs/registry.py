@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping, Protocol
 
 import dspy
+from dspy.predict.parameter import Parameter
 from dspy.utils.exceptions import AdapterParseError
 
 from programs.contract import ProgramError
@@ -34,7 +35,7 @@ class ProgramSpec:
     description: str
     builder: Callable[..., dspy.Module] = field(repr=False)
     metric_for: Callable[[TaskLike], Metric] = field(repr=False)
-    settings: Mapping[str, int] = field(default_factory=dict)  # allowed settings and their defaults
+    settings: Mapping[str, int | str] = field(default_factory=dict)  # allowed settings and their defaults
 
     def build(self, task: TaskLike, **settings: Any) -> dspy.Module:
         """A fresh module for `task`; unknown or invalid settings raise ProgramError naming what is allowed."""
@@ -47,13 +48,37 @@ class ProgramSpec:
             allowed = ", ".join(self.settings) or "none"
             raise ProgramError(f"program {self.name} has no setting {', '.join(unknown)}; allowed: {allowed}")
         for key, value in settings.items():
-            if type(value) is not int or value < 0:
+            if isinstance(self.settings[key], str):
+                if not isinstance(value, str):
+                    raise ProgramError(f"program setting {key} must be text, got {value!r}")
+            elif type(value) is not int or value < 0:
                 raise ProgramError(f"program setting {key} must be a whole number >= 0, got {value!r}")
         return self.builder(task, **{**self.settings, **settings})
 
     def metric(self, task: TaskLike) -> Metric:
         """The metric for this program on `task` (usable by Evaluate, BootstrapFewShot, MIPROv2 and GEPA)."""
         return self.metric_for(task)
+
+
+class Tunable(Parameter):
+    """A program's own settings, read at call time and saved with its state: a search over program
+    settings changes them on a copy of the built program, and an exported program keeps the chosen ones."""
+
+    def __init__(self, **values: int | str):
+        self.values = dict(values)
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values[name]
+
+    def reset(self) -> None:
+        """Not learned by demo or instruction optimizers: kept when they reset a copy."""
+
+    def dump_state(self, json_mode: bool = True) -> dict[str, Any]:
+        return dict(self.values)
+
+    def load_state(self, state: dict[str, Any]) -> "Tunable":
+        self.values.update(state)
+        return self
 
 
 @dataclass

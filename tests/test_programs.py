@@ -13,7 +13,8 @@ from optimize.errors import ConfigError
 from optimize.trial import build_program, get_program
 from programs import list_programs
 from programs.contract import ProgramError
-from programs.intent import OTHER_GROUP, derive_groups
+from programs.intent import derive_groups
+from programs.retrieval import fill_retrievers
 from programs.metrics import LabelMatch, NumericMatch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,12 +35,26 @@ PLAN = {"steps": [{"question": "How many in May?", "expression": "48 / 2"},
 SCRIPTS = {
     "intent.predict": (INTENT, [{"intent": "card_arrival"}], "card_arrival", 1),
     "intent.cot": (INTENT, [{"reasoning": "It asks about delivery.", "intent": "card_arrival"}], "card_arrival", 1),
-    "intent.chain": (INTENT, [{"group": "new_card"}, {"intent": "card_arrival"}], "card_arrival", 2),
+    "intent.chain": (INTENT, [{"group": "card"}, {"intent": "card_arrival"}], "card_arrival", 2),
+    "intent.retrieve": (INTENT, [{"intent": "card_arrival"}], "card_arrival", 1),
     "math.predict": (MATH, [{"answer": "72"}], 72, 1),
     "math.cot": (MATH, [{"reasoning": "48 + 24", "answer": "72"}], 72, 1),
     "math.chain": (MATH, [PLAN], 72, 1),
 }
 INPUTS = {"intent": {"query": "Where is my new card?"}, "math": {"question": "Natalia sold 48 clips..."}}
+# The training pool a retrieval step searches (the pipeline fills it with the whole training split).
+POOL = [dspy.Example(query=q, intent=label).with_inputs("query") for q, label in [
+    ("When will my new card arrive?", "card_arrival"), ("My card has not arrived yet", "card_arrival"),
+    ("How do I link my new card?", "card_linking"), ("Top up failed again", "top_up_failed"),
+    ("Is there a fee for a new card?", "order_physical_card"), ("What is the exchange rate?", "exchange_rate"),
+]]
+
+
+def build(name: str, task: Task, **settings):
+    """A program as the pipeline builds it: settings applied, retrieval steps filled with POOL."""
+    program = get_program(name).build(task, **settings)
+    fill_retrievers(program, POOL)
+    return program
 
 
 def run(program, answers, **inputs):
@@ -51,7 +66,7 @@ def run(program, answers, **inputs):
 # ---------------------------------------------------------------- registry
 
 
-def test_registry_lists_the_six_programs():
+def test_registry_lists_every_program():
     assert [spec.name for spec in list_programs()] == sorted(SCRIPTS)
     assert [spec.name for spec in list_programs("math")] == ["math.chain", "math.cot", "math.predict"]
     for spec in list_programs():
@@ -85,7 +100,7 @@ def test_build_rejects_wrong_task_kind_and_settings():
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
 def test_program_runs_and_returns_answer_and_record(name):
     task, answers, expected, steps = SCRIPTS[name]
-    prediction, _ = run(get_program(name).build(task), answers, **INPUTS[task.kind])
+    prediction, _ = run(build(name, task), answers, **INPUTS[task.kind])
     assert prediction[task.answer_field] == expected
     assert (prediction.steps, prediction.validator_failures, prediction.retries) == (steps, 0, 0)
     assert isinstance(prediction.trace_notes, list)
@@ -95,7 +110,7 @@ def test_program_runs_and_returns_answer_and_record(name):
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
 def test_program_survives_json_save_and_load(name, tmp_path):
     task, answers, _, _ = SCRIPTS[name]
-    program = get_program(name).build(task)
+    program = build(name, task)
     for _, predictor in program.named_predictors():
         predictor.demos = [dspy.Example(**INPUTS[task.kind], **answers[-1])]
         predictor.signature = predictor.signature.with_instructions("Tuned instructions.")
@@ -130,25 +145,34 @@ def test_groups_cover_every_banking77_label_exactly_once():
     placed = Counter(label for members in groups.values() for label in members)
     assert set(placed) == set(LABELS) and len(LABELS) == 77
     assert set(placed.values()) == {1}
-    assert OTHER_GROUP not in groups  # every banking77 label matches a keyword
-    assert all(len(members) <= 12 for members in groups.values())
+    assert len(groups) == 9  # about sqrt(77)
+    assert derive_groups(LABELS) == groups  # the same on every run
+    assert {"card_arrival", "card_linking"} <= set(groups["card"])
+    assert {"pending_top_up", "top_up_limits"} <= set(groups["top"])
 
 
-def test_groups_put_unmatched_labels_in_other():
-    assert derive_groups(["weather", "top_up_failed"]) == {"top_up": ("top_up_failed",), OTHER_GROUP: ("weather",)}
+def test_groups_come_from_any_label_set():
+    # Not Banking77: no keyword table decides, the label names do.
+    labels = ["play_music", "pause_music", "next_song", "weather_today", "weather_tomorrow", "rain_alert",
+              "set_alarm", "cancel_alarm", "snooze_alarm"]
+    groups = derive_groups(labels)
+    assert sorted(label for members in groups.values() for label in members) == sorted(labels)
+    assert groups["alarm"] == ("set_alarm", "cancel_alarm", "snooze_alarm")
+    assert {"play_music", "pause_music"} <= set(groups["music"])
+    assert derive_groups(["a", "b"]) == {"all": ("a", "b")}
 
 
 def test_chain_has_one_named_predictor_per_group():
     names = [name for name, _ in get_program("intent.chain").build(INTENT).named_predictors()]
     assert names[0] == "group" and names[-1] == "retry"
-    assert "fine['card']" in names and "fine['top_up']" in names
+    assert "fine['card']" in names and "fine['top']" in names
 
 
 def test_chain_retries_over_all_labels_with_the_rejection_as_feedback():
     program = get_program("intent.chain").build(INTENT)
-    answers = [{"group": "top_up"}, {"intent": "card arival"}, {"intent": "card_arrival"}]
+    answers = [{"group": "top"}, {"intent": "card arival"}, {"intent": "card_arrival"}]
     prediction, lm = run(program, answers, **INPUTS["intent"])
-    assert prediction.intent == "card_arrival" and prediction.group == "top_up"
+    assert prediction.intent == "card_arrival" and prediction.group == "top"
     assert (prediction.steps, prediction.validator_failures, prediction.retries) == (3, 1, 1)
     assert "not an allowed label" in prediction.trace_notes[0]
     retry_prompt = lm.history[-1]["messages"][-1]["content"]
@@ -165,9 +189,12 @@ def test_chain_stops_at_the_retry_budget():
 
 
 def test_chain_skips_the_label_call_for_a_one_label_group():
-    task = Task("small", "intent", ("query",), "intent", ("card_arrival", "top_up_failed"))
-    prediction, lm = run(get_program("intent.chain").build(task), [{"group": "top_up"}], query="top up failed")
-    assert prediction.intent == "top_up_failed" and prediction.steps == 1 and len(lm.history) == 1
+    task = Task("small", "intent", ("query",), "intent", ("card_arrival", "card_linking", "card_lost", "card_fee",
+                                                       "top_up_failed", "top_up_limits", "top_up_pending", "weather"))
+    groups = derive_groups(task.labels)
+    alone = next(name for name, members in groups.items() if len(members) == 1)
+    prediction, lm = run(get_program("intent.chain").build(task), [{"group": alone}], query="top up failed")
+    assert prediction.intent == groups[alone][0] and prediction.steps == 1 and len(lm.history) == 1
 
 
 def test_near_miss_label_is_normalised_not_failed():
@@ -255,8 +282,8 @@ def test_metrics_take_the_gepa_arguments_and_give_feedback():
     result = metric(gold, pred, None, "group", [(None, {}, dspy.Prediction(group="top_up"))])
     assert isinstance(result, dspy.Prediction) and result.score == metric(gold, pred) == 0.0
     assert "card_arrival" in result.feedback and "not an allowed label" in result.feedback
-    assert "chose topic group 'top_up'; the correct one is 'new_card'" in result.feedback
-    right_group = metric(gold, pred, None, "group", [(None, {}, dspy.Prediction(group="new_card"))])
+    assert "chose topic group 'top_up'; the correct one is 'card'" in result.feedback
+    right_group = metric(gold, pred, None, "group", [(None, {}, dspy.Prediction(group="card"))])
     assert "right topic group" in right_group.feedback
 
     math_metric = get_program("math.chain").metric(MATH)
@@ -305,6 +332,6 @@ def test_labeled_few_shot_compiles_intent_chain():
     spec = get_program("intent.chain")
     trainset = [dspy.Example(query="where is my card", intent="card_arrival").with_inputs("query")]
     compiled = dspy.LabeledFewShot(k=1).compile(spec.build(INTENT), trainset=trainset)
-    prediction, _ = run(compiled, [{"group": "new_card"}, {"intent": "card_arrival"}], query="card?")
+    prediction, _ = run(compiled, [{"group": "card"}, {"intent": "card_arrival"}], query="card?")
     assert prediction.intent == "card_arrival"
     assert all(len(predictor.demos) == 1 for _, predictor in compiled.named_predictors())

