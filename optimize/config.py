@@ -75,6 +75,8 @@ class TrackingConfig(Section):
 class EvalConfig(Section):
     threads: int = Field(16, ge=1, le=64)
     split: Literal["train", "dev", "test"] = "test"
+    max_error_rate: float = Field(0.5, ge=0, le=1, description="share of chains ending in an error (not a wrong "
+                                  "answer) above which the trial is FAILED, not a result")
 
 
 class Experiment(Section):
@@ -117,6 +119,11 @@ class Trial(Section):
     budget: BudgetConfig
     cost: CostConfig
     eval: EvalConfig
+
+    @property
+    def run_name(self) -> str:
+        """How the child run, the progress lines and the result table name this combination."""
+        return f"{self.program.name}+{self.optimizer.name}+{self.model.spec}+s{self.seed}"
 
     def config_hash(self) -> str:
         """Identity of a trial's resolved config: a finished child run with this hash is not recomputed."""

@@ -89,7 +89,7 @@ def run_experiment(exp: Experiment, source: Path | None = None, progress: Progre
     with stop_on(signal.SIGTERM), tracking.parent_run(experiment_id, exp, ehash, parent, source) as parent_id:
         trials = exp.combinations()
         for number, trial in enumerate(trials, 1):
-            name = f"{trial.program.name}+{trial.optimizer.name}+{trial.model.spec}+s{trial.seed}"
+            name = trial.run_name
             key = identity(trial)
             done = tracking.finished_child(previous, key)
             if done is not None:
@@ -104,8 +104,10 @@ def run_experiment(exp: Experiment, source: Path | None = None, progress: Progre
             with tracking.child_run(experiment_id, name, key) as run_id:
                 outcome = run_trial(trial, splits, lambda s: progress(f"    {s}"), live)
                 tracking.record_trial(outcome)
+            if outcome.failed:
+                progress(f"    FAILED: {outcome.failed}")
             results.append(TrialResult(trial, run_id, outcome.metrics, stopped=outcome.stopped,
-                                       records=outcome.records))
+                                       failed=outcome.failed, records=outcome.records))
         for result in results:
             result.metrics.update(tracking.log_break_even(result, results))
         tracking.mark_pareto(experiment_id, parent_id)

@@ -41,8 +41,8 @@ def default_path(experiment: str) -> Path:
 
 
 def best_run(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Highest accuracy, then lowest cost per success."""
-    scored = [r for r in rows if r["accuracy"] is not None]
+    """Highest accuracy, then lowest cost per success; a FAILED run (mostly chain errors) is no candidate."""
+    scored = [r for r in rows if r["accuracy"] is not None and r.get("status") != "FAILED"]
     cost = lambda r: math.inf if r["cost"] is None else r["cost"]
     return min(scored, key=lambda r: (-r["accuracy"], cost(r)), default=None)
 
