@@ -402,6 +402,10 @@ def _load_user(cfg: DataConfig) -> Splits:
         raise DataError("\n".join(f"{source}: no column {column!r}{did_you_mean(column, sorted(present))}; "
                                    f"columns: {', '.join(sorted(present))}" for column in missing))
 
+    listed = [where for where, row in zip(positions, rows) if isinstance(row.get(answer_column), list)]
+    if cfg.task == "intent" and listed:  # each list would otherwise become one label, its JSON text
+        raise DataError(f"{source}: column {answer_column!r} holds lists ({len(listed)} rows, first at {listed[0]}), "
+                        f"but an intent task takes one label per row; set data.answer to a column of single labels")
     records, seen = [], {}
     for where, row in zip(positions, rows):
         empty = [c for c in (*inputs.values(), answer_column) if row.get(c) is None or not _text(row[c]).strip()]
