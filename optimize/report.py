@@ -60,6 +60,15 @@ def program_state(run_id: str) -> list[dict[str, Any]]:
             for name, value in state.items() if isinstance(value, dict) and "signature" in value]
 
 
+def knn_demos(run: dict[str, Any]) -> dict[str, int] | None:
+    """For a KNNFewShot run, how many demos each query gets and from how large a training pool: its demos
+    are picked per input at call time, so program.json holds none and would read as zero-shot."""
+    if run["optimizer"] != "knn_fewshot":
+        return None
+    params = run["params"]
+    return {"k": int(params.get("optimizer.resolved.k", 0)), "pool": int(params.get("data.train_size", 0))}
+
+
 def priced(rows: list[dict[str, Any]]) -> bool:
     """Whether any run had a price: with none set ([cost] defaults to 0) every USD figure is 0, which the
     report says once rather than showing $0 as if it were measured."""
@@ -91,6 +100,7 @@ def gather(experiment: str, uri: str | None = None, unit: str = "seconds") -> di
                       "break_even": {u: r["metrics"][f"break_even_queries_{u}"] for u in UNITS
                                      if f"break_even_queries_{u}" in r["metrics"]}} for r in rows],
             "priced": priced(rows), "best_run_id": best["run_id"] if best else None,
+            "best_knn": knn_demos(best) if best else None,
             "best_program": program_state(best["run_id"]) if best else [],
             "pareto_png": pareto_png(parent_id, rows, unit)}
 

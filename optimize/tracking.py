@@ -296,7 +296,7 @@ def child_rows(experiment_id: str, parent_id: str, cost_metric: str = "seconds_p
         rows.append({"run_id": run.info.run_id, "name": run.info.run_name, "status": run.info.status,
                      "program": p.get("program.name"), "optimizer": p.get("optimizer.name"),
                      "model": p.get("model.spec"), "seed": p.get("seed"),
-                     "accuracy": m.get("accuracy"), "cost": m.get(cost_metric), "metrics": m,
+                     "accuracy": m.get("accuracy"), "cost": m.get(cost_metric), "metrics": m, "params": p,
                      "stopped": run.data.tags.get(TAG_STOPPED, ""), "failed": run.data.tags.get(TAG_FAILED, "")})
     # A run with no success has no cost per success to trade against accuracy: it is never on the front.
     # Nor is a run answered partly from DSPy's response cache: its tokens are replayed, but its time (and so
