@@ -1,7 +1,8 @@
 """The `chainopt` command line: parse, load the config, call one library function, print the result.
 
 The project's own errors become one clean line on stderr and a meaningful exit code:
-0 ok, 1 unexpected failure, 2 bad input (config, model, data), 3 budget stop, 130 interrupted.
+0 ok, 1 unexpected failure, 2 bad input (config, model, data), 3 budget stop, 4 a run FAILED on chain
+errors (over eval.max_error_rate), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -67,17 +68,18 @@ def _result_text(result) -> str:
     rows = [[t.trial.program.name, t.trial.optimizer.name, t.trial.model.spec, t.trial.seed,
              t.metrics.get("accuracy"), f"{int(t.metrics.get('successes', 0))}/{int(t.metrics.get('n', 0))}",
              t.metrics.get("tokens_per_success"), t.metrics.get("seconds_per_success"),
-             t.metrics.get("parse_failures"), _status(t)] for t in result.trials]
+             t.metrics.get("parse_failures"), t.metrics.get("error_rate"), _status(t)] for t in result.trials]
+    failures = "".join(f"\nFAILED {t.trial.run_name}: {t.failed}" for t in result.trials if t.failed)
     uri = result.tracking_uri
     ui = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000" if uri.startswith("sqlite") else uri
     hint = "" if uri != default_uri() else "\n(or: chainopt ui)"
     return (table(["program", "optimizer", "model", "seed", "accuracy", "ok/n", "tokens/success", "s/success",
-                   "parse fail", "status"], rows)
-            + f"\n\nMLflow parent run {result.parent_run_id} in {uri}\nOpen it with: {ui}{hint}")
+                   "parse fail", "error rate", "status"], rows)
+            + failures + f"\n\nMLflow parent run {result.parent_run_id} in {uri}\nOpen it with: {ui}{hint}")
 
 
 def _status(t) -> str:
-    status = "reused" if t.reused else (t.stopped or "ok")
+    status = "reused" if t.reused else "FAILED" if t.failed else (t.stopped or "ok")
     hits = int(t.metrics.get("cache_hits", 0) or 0)
     return f"{status}, {hits} cache hits (off the Pareto front)" if hits else status
 
@@ -87,6 +89,7 @@ def _result_data(result) -> dict:
             "tracking_uri": result.tracking_uri,
             "runs": [{"run_id": t.run_id, "program": t.trial.program.name, "optimizer": t.trial.optimizer.name,
                       "model": t.trial.model.spec, "seed": t.trial.seed, "reused": t.reused, "stopped": t.stopped,
+                      "failed": t.failed,
                       "metrics": t.metrics} for t in result.trials]}
 
 
@@ -97,7 +100,7 @@ def cmd_run(args, out: Output) -> int:
     exp = load_experiment(args.experiment)
     result = run_experiment(exp, Path(args.experiment), progress=out.progress, live=out.live)
     out.result(_result_text(result), _result_data(result))
-    return 3 if any(t.stopped for t in result.trials) else 0
+    return 4 if any(t.failed for t in result.trials) else 3 if any(t.stopped for t in result.trials) else 0
 
 
 def cmd_eval(args, out: Output) -> int:

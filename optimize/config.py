@@ -24,6 +24,9 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+SplitName = Literal["train", "dev", "test"]
+
+
 class DataConfig(Section):
     """Which examples: a named dataset (chainopt datasets list) or a user's own file or Hub dataset."""
 
@@ -41,6 +44,32 @@ class DataConfig(Section):
     answer: str | None = Field(None, description="column holding the gold answer")
     task: Literal["intent", "math", "qa"] | None = None
     skip_malformed: bool = False
+    # Splits a user made: a column naming each row's split, or separate train and test files (instead of path).
+    split_column: str | None = Field(None, description="column whose value puts a row in train, dev or test")
+    split_values: dict[SplitName, str] = Field(default_factory=dict, description="split -> its value in "
+                                               "split_column; default: the split's own name")
+    train_path: str | None = Field(None, description="file of training rows (dev is carved from it by seed)")
+    test_path: str | None = Field(None, description="file of test rows")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataConfig":
+        if (self.train_path is None) != (self.test_path is None):
+            raise ValueError("data.train_path and data.test_path go together")
+        if self.train_path and self.path:
+            raise ValueError("use data.path or data.train_path/test_path, not both")
+        if (self.split_column or self.split_values) and not self.path:
+            raise ValueError("data.split_column and data.split_values split the file of data.path")
+        if self.split_values and not self.split_column:
+            raise ValueError("data.split_values needs data.split_column")
+        return self
+
+    def split_value(self, split: SplitName) -> str:
+        """The split_column value that puts a row in `split`."""
+        return self.split_values.get(split, split)
+
+    def files(self) -> tuple[str, ...]:
+        """The user's data sources, local or hf:, as written."""
+        return tuple(p for p in (self.path, self.train_path, self.test_path) if p)
 
 
 class ProgramConfig(Section):
@@ -76,7 +105,9 @@ class TrackingConfig(Section):
 
 class EvalConfig(Section):
     threads: int = Field(16, ge=1, le=64)
-    split: Literal["train", "dev", "test"] = "test"
+    split: SplitName = "test"
+    max_error_rate: float = Field(0.5, ge=0, le=1, description="share of chains ending in an error (not a wrong "
+                                  "answer) above which the trial is FAILED, not a result")
 
 
 class Experiment(Section):
@@ -120,6 +151,11 @@ class Trial(Section):
     cost: CostConfig
     eval: EvalConfig
 
+    @property
+    def run_name(self) -> str:
+        """How the child run, the progress lines and the result table name this combination."""
+        return f"{self.program.name}+{self.optimizer.name}+{self.model.spec}+s{self.seed}"
+
     def config_hash(self) -> str:
         """Identity of a trial's resolved config: a finished child run with this hash is not recomputed."""
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
@@ -160,6 +196,8 @@ def _format_errors(source: str, error: ValidationError) -> str:
             allowed = sorted(owner.model_fields) if owner else []
             hint = did_you_mean(str(item["loc"][-1]), allowed)
             lines.append(f"{source}: unknown key {loc!r}{hint}; allowed: {', '.join(allowed)}")
+        elif item["type"] == "value_error" and not isinstance(item.get("input"), (str, int, float)):
+            lines.append(f"{source}: {item['ctx']['error']}")  # a section's own rule, which names its keys
         else:
             lines.append(f"{source}: {loc or '<top>'} = {item.get('input')!r}: {item['msg']}")
     return "\n".join(lines)
@@ -205,7 +243,7 @@ def load_experiment(path: str | Path) -> Experiment:
 
 def _beside(exp: Experiment, folder: Path) -> Experiment:
     """Paths in an experiment file name files beside it, whichever folder chainopt runs in: a relative data
-    path or .gguf model spec becomes absolute against the file's folder (absolute and hf: ones stay)."""
+    path (path, train_path, test_path) or .gguf model spec becomes absolute against the file's folder (absolute and hf: ones stay)."""
     def local(value: str) -> str:
         keep = value.startswith("hf:") or Path(value).expanduser().is_absolute()
         return value if keep else str((folder / value).resolve())
@@ -217,4 +255,5 @@ def _beside(exp: Experiment, folder: Path) -> Experiment:
         "models": tuple(model(m) for m in exp.models),
         "optimizers": tuple(o.model_copy(update={"teacher": model(o.teacher)}) if o.teacher else o
                             for o in exp.optimizers),
-        "data": exp.data.model_copy(update={"path": local(exp.data.path)}) if exp.data.path else exp.data})
+        "data": exp.data.model_copy(update={key: local(value) for key in ("path", "train_path", "test_path")
+                                            if (value := getattr(exp.data, key))})})

@@ -198,7 +198,7 @@ def _check_size(asked: dict[str, int], available: int, where: str) -> None:
 
 def load_splits(cfg: DataConfig) -> Splits:
     """The run's train/dev/test examples, deterministic from cfg.seed, with no example in two splits."""
-    if cfg.path:
+    if cfg.files():
         return _load_user(cfg)
     spec = get_dataset(cfg.dataset)
     task = spec.task()
@@ -217,8 +217,8 @@ def data_digest(cfg: DataConfig) -> str:
     A Hub dataset is named by its spec and split alone (its content is not fetched to hash it)."""
     if cfg.path and cfg.path.startswith("hf:"):
         return f"{cfg.path}:{cfg.split or 'train'}"
-    if cfg.path:
-        files = [Path(cfg.path)]
+    if cfg.files():
+        files = [Path(f) for f in cfg.files()]
     else:
         spec = get_dataset(cfg.dataset)
         files = [DATA_DIR / f for f in (*spec.files.values(), *([spec.labels_file] if spec.labels_file else []))]
@@ -380,31 +380,40 @@ def _read_hub(spec: str, split: str) -> list[Row]:
         raise DataError(f"{spec}: {str(exc).splitlines()[0]}") from None
 
 
-def _load_user(cfg: DataConfig) -> Splits:
-    if cfg.task is None:
-        raise DataError("data.path needs data.task: one of intent, math, qa")
+def _read_source(source: str, cfg: DataConfig) -> tuple[list[Row], list[str], int, str]:
+    """One user source (a local file or hf:<dataset>): its rows, a position label each, the count of dropped
+    records, and its name (the default id prefix)."""
+    if source.startswith("hf:"):
+        rows = _read_hub(source, cfg.split or "train")
+        if not rows:
+            raise DataError(f"{source}: split {cfg.split or 'train'!r} is empty")
+        return rows, [f"row {n}" for n in range(1, len(rows) + 1)], 0, source.removeprefix("hf:")
+    rows, positions, skipped = _read_file(Path(source), cfg.skip_malformed)
+    return rows, positions, skipped, Path(source).stem
+
+
+def _records(source: str, cfg: DataConfig) -> tuple[list[tuple[str, Row]], int, str]:
+    """The example fields of each usable row of one source with its split_column value ("" without one),
+    the count of skipped rows and the source's name."""
     input_name, answer_name = FIELDS[cfg.task]
     inputs = dict(cfg.inputs or {input_name: input_name})
     answer_column = cfg.answer or answer_name
-    source = cfg.path or ""
-    if source.startswith("hf:"):
-        rows = _read_hub(source, cfg.split or "train")
-        positions, skipped, name = [f"row {n}" for n in range(1, len(rows) + 1)], 0, source.removeprefix("hf:")
-        if not rows:
-            raise DataError(f"{source}: split {cfg.split or 'train'!r} is empty")
-    else:
-        rows, positions, skipped = _read_file(Path(source), cfg.skip_malformed)
-        name = Path(source).stem
+    rows, positions, skipped, name = _read_source(source, cfg)
 
+    required = list(dict.fromkeys((*inputs.values(), answer_column, *([cfg.split_column] if cfg.split_column else []))))
     present = set().union(*(row.keys() for row in rows))
-    missing = [column for column in dict.fromkeys((*inputs.values(), answer_column)) if column not in present]
+    missing = [column for column in required if column not in present]
     if missing:  # every wrong mapping at once, one per line
         raise DataError("\n".join(f"{source}: no column {column!r}{did_you_mean(column, sorted(present))}; "
                                    f"columns: {', '.join(sorted(present))}" for column in missing))
+    listed = [where for where, row in zip(positions, rows) if isinstance(row.get(answer_column), list)]
+    if cfg.task == "intent" and listed:  # each list would otherwise become one label, its JSON text
+        raise DataError(f"{source}: column {answer_column!r} holds lists ({len(listed)} rows, first at {listed[0]}), "
+                        f"but an intent task takes one label per row; set data.answer to a column of single labels")
 
     records, seen = [], {}
     for where, row in zip(positions, rows):
-        empty = [c for c in (*inputs.values(), answer_column) if row.get(c) is None or not _text(row[c]).strip()]
+        empty = [c for c in required if row.get(c) is None or not _text(row[c]).strip()]
         problem = f"field {empty[0]!r} is missing or empty" if empty else None
         ident = _text(row["id"]) if "id" in present and row.get("id") is not None else f"{name}-{where.split()[-1]}"
         if problem is None and ident in seen:
@@ -415,14 +424,61 @@ def _load_user(cfg: DataConfig) -> Splits:
             skipped += 1
             continue
         seen[ident] = where
-        records.append({"id": ident, **{k: _text(row[c]) for k, c in inputs.items()},
-                        answer_name: _text(row[answer_column])})
+        records.append((_text(row[cfg.split_column]) if cfg.split_column else "",
+                        {"id": ident, **{k: _text(row[c]) for k, c in inputs.items()},
+                         answer_name: _text(row[answer_column])}))
     if not records:
         raise DataError(f"{source}: no usable rows ({skipped} malformed skipped)")
+    return records, skipped, name
 
-    labels = tuple(sorted({r[answer_name] for r in records})) if cfg.task == "intent" else None
-    task = Task(name, cfg.task, tuple(inputs), answer_name, labels)
-    _check_size({"train": cfg.train, "dev": cfg.dev, "test": cfg.test}, len(records), source)
-    rest, test = _head_tail(_shuffled(records, cfg.seed), len(records) - cfg.test, cfg.test)
-    train, dev = _head_tail(rest, cfg.train, cfg.dev)
+
+def _by_split_value(records: list[tuple[str, Row]], cfg: DataConfig) -> dict[str, list[Row]]:
+    """Rows sorted into train/dev/test by their split_column value; a value no split takes is an error."""
+    splits = {cfg.split_value(split): split for split in ("train", "dev", "test")}
+    found = sorted({value for value, _ in records})
+    unknown = [value for value in found if value not in splits]
+    if unknown:
+        wanted = ", ".join(f"{split} = {value!r}" for value, split in splits.items())
+        raise DataError(f"{cfg.path}: column {cfg.split_column!r} has value {unknown[0]!r}, which no split takes "
+                        f"(data.split_values: {wanted}); values found: {', '.join(map(repr, found))}")
+    parts: dict[str, list[Row]] = {"train": [], "dev": [], "test": []}
+    for value, record in records:
+        parts[splits[value]].append(record)
+    return parts
+
+
+def _load_user(cfg: DataConfig) -> Splits:
+    if cfg.task is None:
+        raise DataError("data.path needs data.task: one of intent, math, qa")
+    parts: dict[str, list[Row]] | None = None  # the user's own splits, when there are some
+    if cfg.train_path and cfg.test_path:  # separate files; dev is carved from train
+        (train_rows, train_skipped, name), (test_rows, test_skipped, _) = (_records(cfg.train_path, cfg),
+                                                                            _records(cfg.test_path, cfg))
+        parts = {"train": [r for _, r in train_rows], "dev": [], "test": [r for _, r in test_rows]}
+        skipped, where = train_skipped + test_skipped, {"train": cfg.train_path, "test": cfg.test_path}
+    else:
+        records, skipped, name = _records(cfg.path or "", cfg)
+        if cfg.split_column:
+            parts = _by_split_value(records, cfg)
+            where = {split: f"{cfg.path}: rows with {cfg.split_column} = {cfg.split_value(split)!r}"
+                     for split in ("train", "dev", "test")}
+    rows = [r for _, r in records] if parts is None else [r for part in parts.values() for r in part]
+
+    answer_name = FIELDS[cfg.task][1]
+    labels = tuple(sorted({r[answer_name] for r in rows})) if cfg.task == "intent" else None
+    task = Task(name, cfg.task, tuple(cfg.inputs or (FIELDS[cfg.task][0],)), answer_name, labels)
+    if parts is None:  # one pool: test is carved off first, then train and dev, all by the seed
+        _check_size({"train": cfg.train, "dev": cfg.dev, "test": cfg.test}, len(rows), cfg.path or "")
+        rest, test = _head_tail(_shuffled(rows, cfg.seed), len(rows) - cfg.test, cfg.test)
+        train, dev = _head_tail(rest, cfg.train, cfg.dev)
+    else:  # the user's splits, each shuffled by the seed and cut to its size; dev from train when it has none
+        _check_size({"test": cfg.test}, len(parts["test"]), where["test"])
+        test = _shuffled(parts["test"], cfg.seed)[:cfg.test]
+        if parts["dev"]:
+            _check_size({"train": cfg.train}, len(parts["train"]), where["train"])
+            _check_size({"dev": cfg.dev}, len(parts["dev"]), where["dev"])
+            train, dev = _shuffled(parts["train"], cfg.seed)[:cfg.train], _shuffled(parts["dev"], cfg.seed)[:cfg.dev]
+        else:
+            _check_size({"train": cfg.train, "dev": cfg.dev}, len(parts["train"]), where["train"])
+            train, dev = _head_tail(_shuffled(parts["train"], cfg.seed), cfg.train, cfg.dev)
     return Splits(task, _examples(train, task), _examples(dev, task), _examples(test, task), skipped)

@@ -19,10 +19,12 @@ from typing import Any, Callable, TypeVar
 from optimize import tracking
 from optimize.tracking import TrialResult
 from optimize.config import Experiment
-from optimize.data import load_splits
+from optimize.data import Task, load_splits
 from optimize.errors import ChainoptError, ConfigError
 from optimize.interrupts import stop_on
-from optimize.llm.models import describe
+from optimize.llm.engine import count_tokens
+from optimize.llm.models import ModelInfo, describe
+from optimize.llm.settings import ModelConfig
 from optimize.optimizers import get_optimizer, resolve_settings
 from optimize.trial import build_program, get_program, identity, program_settings, run_trial
 
@@ -45,8 +47,9 @@ def experiment_hash(exp: Experiment) -> str:
 
 def check(exp: Experiment, source: Path | None = None) -> None:
     """Fail before anything runs: every program (with its settings, on the data's task), optimizer
-    setting, model and dataset must resolve. Every miss is reported at once, one per line, as the schema's
-    errors are; with `source`, each line starts with the experiment file's name."""
+    setting, model and dataset must resolve, and an intent task's labels must fit each model's context.
+    Every miss is reported at once, one per line, as the schema's errors are; with `source`, each line
+    starts with the experiment file's name."""
     problems: list[ChainoptError] = []
 
     def attempt(step: Callable[..., T], *args: Any) -> T | None:
@@ -56,15 +59,18 @@ def check(exp: Experiment, source: Path | None = None) -> None:
             problems.append(exc)
             return None
 
-    for model in exp.models:
-        attempt(describe, model.spec)
+    infos: dict[ModelConfig, ModelInfo | None] = {model: attempt(describe, model.spec) for model in exp.models}
     for opt in exp.optimizers:
         optimizer = attempt(get_optimizer, opt.name)
         if optimizer is not None:
             attempt(resolve_settings, optimizer, opt.settings)
         if opt.teacher is not None:
-            attempt(describe, opt.teacher.spec)
+            infos[opt.teacher] = attempt(describe, opt.teacher.spec)
     splits = attempt(load_splits, exp.data)
+    if splits is not None and splits.task.labels:
+        for model, info in infos.items():
+            if info is not None:
+                attempt(labels_fit, splits.task, model, info)
     for trial in exp.combinations():
         spec = attempt(get_program, trial.program.name)
         if spec is not None and splits is not None:
@@ -74,6 +80,17 @@ def check(exp: Experiment, source: Path | None = None) -> None:
                               for exc in problems for line in str(exc).splitlines())
         kinds = {type(exc) for exc in problems}
         raise (kinds.pop() if len(kinds) == 1 else ConfigError)("\n".join(lines))
+
+
+def labels_fit(task: Task, model: ModelConfig, info: ModelInfo) -> None:
+    """An intent prompt lists every label (intent.chain's retry too): a list the model's context cannot hold
+    would fail every chain, so it is refused before anything runs, with the numbers."""
+    listed = count_tokens(info, json.dumps(list(task.labels)))
+    if listed + model.max_tokens > model.n_ctx:
+        raise ConfigError(f"the {len(task.labels):,} labels of {task.name!r} take {listed:,} prompt tokens by "
+                          f"{info.name}'s tokenizer, {listed + model.max_tokens:,} with max_tokens = "
+                          f"{model.max_tokens} for the answer, over n_ctx = {model.n_ctx:,} of {model.spec}; "
+                          f"raise n_ctx or use fewer labels")
 
 
 def run_experiment(exp: Experiment, source: Path | None = None, progress: Progress = lambda s: None,
@@ -89,7 +106,7 @@ def run_experiment(exp: Experiment, source: Path | None = None, progress: Progre
     with stop_on(signal.SIGTERM), tracking.parent_run(experiment_id, exp, ehash, parent, source) as parent_id:
         trials = exp.combinations()
         for number, trial in enumerate(trials, 1):
-            name = f"{trial.program.name}+{trial.optimizer.name}+{trial.model.spec}+s{trial.seed}"
+            name = trial.run_name
             key = identity(trial)
             done = tracking.finished_child(previous, key)
             if done is not None:
@@ -104,8 +121,10 @@ def run_experiment(exp: Experiment, source: Path | None = None, progress: Progre
             with tracking.child_run(experiment_id, name, key) as run_id:
                 outcome = run_trial(trial, splits, lambda s: progress(f"    {s}"), live)
                 tracking.record_trial(outcome)
+            if outcome.failed:
+                progress(f"    FAILED: {outcome.failed}")
             results.append(TrialResult(trial, run_id, outcome.metrics, stopped=outcome.stopped,
-                                       records=outcome.records))
+                                       failed=outcome.failed, records=outcome.records))
         for result in results:
             result.metrics.update(tracking.log_break_even(result, results))
         tracking.mark_pareto(experiment_id, parent_id)

@@ -41,8 +41,8 @@ def default_path(experiment: str) -> Path:
 
 
 def best_run(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Highest accuracy, then lowest cost per success."""
-    scored = [r for r in rows if r["accuracy"] is not None]
+    """Highest accuracy, then lowest cost per success; a FAILED run (mostly chain errors) is no candidate."""
+    scored = [r for r in rows if r["accuracy"] is not None and r.get("status") != "FAILED"]
     cost = lambda r: math.inf if r["cost"] is None else r["cost"]
     return min(scored, key=lambda r: (-r["accuracy"], cost(r)), default=None)
 
@@ -58,6 +58,15 @@ def program_state(run_id: str) -> list[dict[str, Any]]:
              "demos": value.get("demos", []),
              "demo_fields": list(dict.fromkeys(k for demo in value.get("demos", []) for k in demo))}
             for name, value in state.items() if isinstance(value, dict) and "signature" in value]
+
+
+def knn_demos(run: dict[str, Any]) -> dict[str, int] | None:
+    """For a KNNFewShot run, how many demos each query gets and from how large a training pool: its demos
+    are picked per input at call time, so program.json holds none and would read as zero-shot."""
+    if run["optimizer"] != "knn_fewshot":
+        return None
+    params = run["params"]
+    return {"k": int(params.get("optimizer.resolved.k", 0)), "pool": int(params.get("data.train_size", 0))}
 
 
 def priced(rows: list[dict[str, Any]]) -> bool:
@@ -91,6 +100,7 @@ def gather(experiment: str, uri: str | None = None, unit: str = "seconds") -> di
                       "break_even": {u: r["metrics"][f"break_even_queries_{u}"] for u in UNITS
                                      if f"break_even_queries_{u}" in r["metrics"]}} for r in rows],
             "priced": priced(rows), "best_run_id": best["run_id"] if best else None,
+            "best_knn": knn_demos(best) if best else None,
             "best_program": program_state(best["run_id"]) if best else [],
             "pareto_png": pareto_png(parent_id, rows, unit)}
 

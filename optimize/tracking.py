@@ -37,6 +37,7 @@ TAG_KIND = "chainopt.kind"  # "parent" | "child"
 TAG_HASH = "chainopt.config_hash"
 TAG_EXPERIMENT_HASH = "chainopt.experiment_hash"
 TAG_STOPPED = "chainopt.stopped"
+TAG_FAILED = "chainopt.failed"
 TAG_PARETO = "chainopt.pareto"
 
 
@@ -49,6 +50,7 @@ class TrialResult:
     metrics: dict[str, float]
     reused: bool = False
     stopped: str = ""
+    failed: str = ""
     records: list["ChainRecord"] = field(default_factory=list)
 
 
@@ -130,6 +132,7 @@ def children(experiment_id: str, parent_id: str) -> list[Run]:
 
 
 def finished_child(runs: list[Run], config_hash: str) -> Run | None:
+    """The child of this identity that finished; a FAILED one (an exception, or too many chain errors) is not."""
     for run in runs:
         if run.data.tags.get(TAG_HASH) == config_hash and run.info.status == "FINISHED":
             return run
@@ -167,7 +170,8 @@ def child_run(experiment_id: str, name: str, identity: str) -> Iterator[str]:
 
 
 def record_trial(outcome: "Outcome") -> None:
-    """Write one trial's outcome into the active child run."""
+    """Write one trial's outcome into the active child run, and end it FAILED (with the reason as a tag) when
+    its chains mostly ended in an error: such a run is no result, and a re-run does it again."""
     log_params(outcome.params)
     log_metrics(outcome.metrics)
     log_table([r.row() for r in outcome.records], "predictions.json")
@@ -177,6 +181,9 @@ def record_trial(outcome: "Outcome") -> None:
         mlflow.log_dict(value, name)
     if outcome.stopped:
         mlflow.set_tag(TAG_STOPPED, outcome.stopped)
+    if outcome.failed:
+        mlflow.set_tag(TAG_FAILED, outcome.failed)
+        mlflow.end_run(status="FAILED")
 
 
 def log_break_even(result: TrialResult, results: list[TrialResult]) -> dict[str, float]:
@@ -289,14 +296,14 @@ def child_rows(experiment_id: str, parent_id: str, cost_metric: str = "seconds_p
         rows.append({"run_id": run.info.run_id, "name": run.info.run_name, "status": run.info.status,
                      "program": p.get("program.name"), "optimizer": p.get("optimizer.name"),
                      "model": p.get("model.spec"), "seed": p.get("seed"),
-                     "accuracy": m.get("accuracy"), "cost": m.get(cost_metric), "metrics": m,
-                     "stopped": run.data.tags.get(TAG_STOPPED, "")})
+                     "accuracy": m.get("accuracy"), "cost": m.get(cost_metric), "metrics": m, "params": p,
+                     "stopped": run.data.tags.get(TAG_STOPPED, ""), "failed": run.data.tags.get(TAG_FAILED, "")})
     # A run with no success has no cost per success to trade against accuracy: it is never on the front.
     # Nor is a run answered partly from DSPy's response cache: its tokens are replayed, but its time (and so
-    # its joules and dollars) is not what computing the answers takes.
+    # its joules and dollars) is not what computing the answers takes. Nor is a FAILED run: it is no result.
     scored = [(r["run_id"], r["accuracy"], r["cost"]) for r in rows
               if r["accuracy"] is not None and r["cost"] is not None and math.isfinite(r["cost"])
-              and not r["metrics"].get("cache_hits")]
+              and not r["metrics"].get("cache_hits") and r["status"] != "FAILED"]
     front = pareto_front(scored)
     for r in rows:
         r["pareto"] = r["run_id"] in front

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -90,6 +91,7 @@ class Outcome:
     program_state: dict[str, Any] | None = None  # DSPy's JSON state of the compiled program (never a pickle)
     artifacts: dict[str, Any] = field(default_factory=dict)  # JSON artifacts by file name
     stopped: str = ""  # why the trial stopped early ("" when it ran to the end)
+    failed: str = ""  # why the trial is no result: too many chains ended in an error ("" when it is one)
     program: dspy.Module | None = None  # the compiled module itself, for callers in this process
 
 
@@ -110,8 +112,25 @@ def chain_metrics(records: list[ChainRecord], result: EvalResult, spend: cost.Sp
                     "retries": sum(r.retries for r in records), "steps": sum(r.steps for r in records),
                     "budget_exceeded_chains": sum(r.budget_exceeded for r in records),
                     "errors": sum(r.error is not None for r in records),
+                    "error_rate": error_rate(records),
                     "attempted": result.attempted, "planned": result.total})
     return metrics
+
+
+def error_rate(records: list[ChainRecord]) -> float:
+    """The share of chains that ended in an error (an exception or a budget), not in a wrong answer."""
+    return sum(r.error is not None for r in records) / len(records) if records else 0.0
+
+
+def too_many_errors(records: list[ChainRecord], max_error_rate: float) -> str:
+    """Why chains that mostly failed to run are no result, in one line with their most common error;
+    "" when the error rate is within `max_error_rate`."""
+    rate = error_rate(records)
+    if rate <= max_error_rate:
+        return ""
+    (common, count), = Counter(r.error for r in records if r.error is not None).most_common(1)
+    return (f"{rate:.0%} of {len(records)} chains ended in an error (over eval.max_error_rate = {max_error_rate}); "
+            f"most common ({count}x): {common}")
 
 
 def score(program: dspy.Module, examples: list[dspy.Example], metric: Callable, task: Task, *,
@@ -184,7 +203,8 @@ def run_trial(trial: Trial, splits: Splits, progress: Progress = lambda s: None,
     return Outcome(trial, metrics, records, params, program_state(compiled) if compiled_ok else None,
                    {"trial.json": trial.model_dump(mode="json"), "task.json": dataclasses.asdict(splits.task),
                     "trajectory.json": {"optimizer": opt_spec.name, "steps": trajectory(compiled, teleprompter)}},
-                   stopped, compiled if compiled_ok else None)
+                   stopped=stopped, failed=too_many_errors(records, trial.eval.max_error_rate),
+                   program=compiled if compiled_ok else None)
 
 
 def _budget_error(exc: BaseException, run_tally: cost.Tally) -> bool:

@@ -246,6 +246,9 @@ DATA_CASES = [
      ["no column 'text'", "did you mean 'txt'"]),
     ("missing file", lambda p: p / "absent.jsonl", ["absent.jsonl", "cannot read"]),
     ("unsupported type", lambda p: _raw(p, b"hello\n", "data.txt"), ["unsupported file type '.txt'"]),
+    ("list-valued answers for an intent task",
+     lambda p: jsonl(p, [{**r, "label": [r["label"], "card_linking"]} for r in GOOD_ROWS]),
+     ["column 'label' holds lists", "2 rows, first at line 1", "one label per row"]),
 ]
 
 
@@ -266,6 +269,19 @@ def test_bad_user_data_rejected(capsys, tmp_path, mlflow_store, what, make, need
 def test_user_data_without_task(capsys, tmp_path):
     config = USER_DATA.format(path=jsonl(tmp_path, GOOD_ROWS)).replace('task = "intent"\n', "")
     assert_clean_error(*cli(capsys, "validate", str(write(tmp_path, config))), "data.path needs data.task")
+
+
+def test_label_set_too_large_for_the_context(capsys, tmp_path, mlflow_store):
+    """Every chain of such a run would overflow its prompt: the numbers are said before anything runs."""
+    rows = [{"id": str(i), "text": f"request {i}", "label": f"customer_request_category_number_{i}"} for i in range(200)]
+    config = USER_DATA.format(path=jsonl(tmp_path, rows)).replace("max_tokens = 32", "max_tokens = 32\nn_ctx = 1024")
+    code, err = cli(capsys, "validate", str(write(tmp_path, config)))
+    assert_clean_error(code, err, "the 200 labels of 'data'", "by smollm2-135m's tokenizer", "max_tokens = 32",
+                       "over n_ctx = 1,024 of smollm2-135m", "raise n_ctx or use fewer labels")
+    needed = int(err.split(" prompt tokens")[0].rsplit(" ", 1)[1].replace(",", ""))
+    assert 200 * 8 < needed < 200 * 20  # about 10 tokens a label, as the model's tokenizer counts them
+    assert len(err.strip().splitlines()) == 1 and untouched(mlflow_store)
+    assert cli(capsys, "validate", str(write(tmp_path, config.replace("n_ctx = 1024", "n_ctx = 8192"))))[0] == 0
 
 
 def test_skip_malformed_accepts_the_good_rows(capsys, tmp_path):

@@ -122,6 +122,16 @@ def test_paths_are_relative_to_the_experiment_file_not_the_current_folder(tmp_pa
     assert load_experiment(hub).data.path == "hf:owner/name"
 
 
+def test_split_files_are_relative_to_the_experiment_file(tmp_path, monkeypatch):
+    """Fails if train_path/test_path are read from the current folder instead of the experiment's."""
+    (tmp_path / "exps").mkdir()
+    path = tmp_path / "exps" / "x.toml"
+    path.write_text('[data]\ntrain_path = "data/train.jsonl"\ntest_path = "/abs/test.jsonl"\ntask = "intent"\n')
+    monkeypatch.chdir(tmp_path)
+    data = load_experiment("exps/x.toml").data
+    assert (data.train_path, data.test_path) == (str(tmp_path / "exps/data/train.jsonl"), "/abs/test.jsonl")
+
+
 def test_validate_finds_the_data_file_beside_the_experiment(tmp_path, monkeypatch, capsys):
     """The user's case: `chainopt validate exps/x.toml` run from the project folder reads exps/mine.jsonl."""
     from optimize.cli import main

@@ -11,9 +11,9 @@ import huggingface_hub.constants
 import pandas as pd
 import pytest
 
-from optimize.config import DataConfig
-from optimize.data import DATA_DIR, DATASETS, list_datasets, load_raw, load_splits, number_text
-from optimize.errors import DataError
+from optimize.config import DataConfig, parse_experiment
+from optimize.data import DATA_DIR, DATASETS, data_digest, list_datasets, load_raw, load_splits, number_text
+from optimize.errors import ConfigError, DataError
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -282,3 +282,79 @@ def test_hub_dataset_offline(monkeypatch):
         load_splits(DataConfig(path="hf:openai/gsm8k", split="train", task="math", answer="answer"))
     assert str(err.value).startswith("hf:openai/gsm8k: cannot reach the Hugging Face Hub")
     assert "\n" not in str(err.value)
+
+
+# ---- a user's own splits: a split column, or separate train and test files ------------------------
+
+
+def _folds(tmp_path, folds: dict[str, str]):
+    """ROWS with a `fold` column: q1-q12 train, q13-q16 the dev value, q17-q20 the test value."""
+    value = lambda i: folds["train"] if i <= 12 else folds["dev"] if i <= 16 else folds["test"]
+    return _jsonl(tmp_path, [json.dumps({**r, "fold": value(i)}) for i, r in enumerate(ROWS, start=1)])
+
+
+def test_split_column_puts_each_row_in_its_split(tmp_path):
+    """Fails if the rows are shuffled into splits by the seed instead of read from the fold column."""
+    path = _folds(tmp_path, {"train": "tr", "dev": "validation", "test": "te"})
+    cfg = _cfg(path, train=10, dev=3, test=4, split_column="fold",
+               split_values={"train": "tr", "dev": "validation", "test": "te"})
+    train, dev, test = _ids(load_splits(cfg))
+    assert set(test) == {"q17", "q18", "q19", "q20"} and set(dev) < {"q13", "q14", "q15", "q16"} and len(dev) == 3
+    assert set(train) < {f"q{i}" for i in range(1, 13)} and len(train) == 10  # the sizes still cap the counts
+    assert _ids(load_splits(cfg.model_copy(update={"seed": 1}))) != (train, dev, test)  # order by seed, folds fixed
+
+
+def test_split_column_without_a_dev_fold_carves_dev_from_train(tmp_path):
+    path = _folds(tmp_path, {"train": "train", "dev": "train", "test": "test"})  # default values: the split names
+    train, dev, test = _ids(load_splits(_cfg(path, train=12, dev=4, test=4, split_column="fold")))
+    assert set(train + dev) == {f"q{i}" for i in range(1, 17)} and set(test) == {"q17", "q18", "q19", "q20"}
+
+
+def test_unknown_split_value_lists_the_values_found(tmp_path):
+    path = _folds(tmp_path, {"train": "train", "dev": "validation", "test": "test"})
+    with pytest.raises(DataError) as err:
+        load_splits(_cfg(path, split_column="fold"))
+    message = str(err.value)
+    assert "\n" not in message and "column 'fold' has value 'validation', which no split takes" in message
+    assert "values found: 'test', 'train', 'validation'" in message and "dev = 'dev'" in message
+    with pytest.raises(DataError, match=r"rows with fold = 'test': asked for 5 examples \(test 5\) but only 4"):
+        load_splits(_cfg(path, test=5, split_column="fold", split_values={"dev": "validation"}))
+    with pytest.raises(DataError, match=r"no column 'folds' \(did you mean 'fold'\?\)"):
+        load_splits(_cfg(path, split_column="folds"))
+
+
+def test_train_and_test_files(tmp_path):
+    """Fails if test_path is not read as the test split, or if dev is not carved from the train file."""
+    train_file = _jsonl(tmp_path, [json.dumps(r) for r in ROWS[:14]], "train.jsonl")
+    test_file = _jsonl(tmp_path, [json.dumps(r) for r in ROWS[14:]], "test.jsonl")
+    cfg = DataConfig(train_path=str(train_file), test_path=str(test_file), task="math", inputs={"question": "prompt"},
+                     answer="gold", train=10, dev=4, test=5)
+    train, dev, test = _ids(load_splits(cfg))
+    assert set(train + dev) == {f"q{i}" for i in range(1, 15)} and len(dev) == 4
+    assert set(test) < {f"q{i}" for i in range(15, 21)} and len(test) == 5
+    with pytest.raises(DataError, match=r"test.jsonl: asked for 7 examples \(test 7\) but only 6"):
+        load_splits(cfg.model_copy(update={"test": 7}))
+
+
+def test_split_files_are_in_the_data_digest(tmp_path):
+    """A changed test file is other data: a new trial, never a reused one."""
+    train_file = _jsonl(tmp_path, [json.dumps(r) for r in ROWS[:14]], "train.jsonl")
+    test_file = _jsonl(tmp_path, [json.dumps(r) for r in ROWS[14:]], "test.jsonl")
+    cfg = DataConfig(train_path=str(train_file), test_path=str(test_file), task="math")
+    before = data_digest(cfg)
+    _jsonl(tmp_path, [json.dumps(r) for r in ROWS[15:]], "test.jsonl")
+    assert data_digest(cfg) != before
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"train_path": "a.jsonl"}, "data.train_path and data.test_path go together"),
+    ({"path": "a.jsonl", "train_path": "b.jsonl", "test_path": "c.jsonl"},
+     "use data.path or data.train_path/test_path, not both"),
+    ({"train_path": "b.jsonl", "test_path": "c.jsonl", "split_column": "fold"},
+     "data.split_column and data.split_values split the file of data.path"),
+    ({"path": "a.jsonl", "split_values": {"dev": "val"}}, "data.split_values needs data.split_column"),
+])
+def test_split_settings_that_do_not_go_together(data, message):
+    with pytest.raises(ConfigError) as err:
+        parse_experiment({"name": "x", "data": {"task": "intent", **data}}, "x.toml")
+    assert str(err.value) == f"x.toml: {message}"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from mlflow.tracking import MlflowClient
 
 from optimize import report as report_module
 from optimize import tracking
@@ -246,18 +247,37 @@ def test_priced_means_some_usd_was_spent(usd, expected):
 def test_no_price_is_said_once_instead_of_a_silent_zero(report):
     text, data = report
     assert data["priced"] and "No price set" not in text
-    unpriced = render({**data, "priced": False})
+    unpriced = " ".join(render({**data, "priced": False}).split())
     assert unpriced.count("No price set: [cost] usd_per_hour = 0") == 1
+    assert "set <code>usd_per_hour</code> (the machine) or <code>usd_per_m_input</code>" in unpriced
 
 
 def test_knn_winner_has_demos_per_query_not_zero_shot(report):
     _, data = report
-    runs = [{**r, "optimizer": "knn_fewshot"} if r["run_id"] == data["best_run_id"] else r for r in data["runs"]]
+    best = next(r for r in data["runs"] if r["run_id"] == data["best_run_id"])
+    knn = report_module.knn_demos({"optimizer": "knn_fewshot",
+                                   "params": {"optimizer.resolved.k": "3", "data.train_size": "1631"}})
+    assert knn == {"k": 3, "pool": 1631} and report_module.knn_demos({**best, "params": {}}) is None
     program = [{**pred, "demos": [], "demo_fields": []} for pred in data["best_program"]]
-    best = render({**data, "runs": runs, "best_program": program}).split("<h2>Best program</h2>")[1].split("<h2>")[0]
-    assert "chosen per query" in best and "zero-shot" not in best
+    section = render({**data, "best_knn": knn, "best_program": program}).split("<h2>Best program</h2>")[1]
+    text = " ".join(section.split("<h2>")[0].split())
+    assert "Dynamic demos, chosen per query" in text and "the 3 training examples nearest" in text
+    assert "training pool of 1,631" in text and "zero-shot" not in text
     zero = render({**data, "best_program": program}).split("<h2>Best program</h2>")[1].split("<h2>")[0]
     assert "No demos (zero-shot)." in zero
+
+
+def test_knn_winner_is_found_from_its_recorded_settings(tmp_path):
+    """Fails if the report reads a KNN run's empty program.json demos as a zero-shot program."""
+    runs = [("knn", "knn_fewshot", _metrics(0.75, 1.0, 0.0), _state("Classify the customer request.", []), None)]
+    experiment_id = tracking.setup(_record("report-knn", runs, tmp_path))
+    run = MlflowClient().search_runs([experiment_id], f"tags.`{tracking.TAG_KIND}` = 'child'")[0]
+    MlflowClient().log_param(run.info.run_id, "optimizer.resolved.k", 4)
+    MlflowClient().log_param(run.info.run_id, "data.train_size", 50)
+    text = write_report("report-knn", tmp_path / "r.html")[0].read_text(encoding="utf-8")
+    best = " ".join(text.split("<h2>Best program</h2>")[1].split("<h2>")[0].split())
+    assert "the 4 training examples nearest to each input (from a training pool of 50)" in best
+    assert "zero-shot" not in best
 
 
 def test_other_cost_unit_redraws_the_plot(experiment, report, tmp_path):

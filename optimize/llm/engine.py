@@ -66,6 +66,26 @@ def load_llama(info: ModelInfo, cfg: ModelConfig, **extra):
         raise ModelError(f"llama.cpp cannot load {info.path}: {exc}") from exc
 
 
+@functools.lru_cache(maxsize=8)
+def count_tokens(info: ModelInfo, text: str) -> int:
+    """How many tokens `text` is to this model, by its own tokenizer. Only the vocabulary is loaded, and no
+    context is made (a llama.Llama would make one, and warn about it on stderr)."""
+    import llama_cpp
+    from llama_cpp._internals import LlamaModel
+
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    try:
+        with _signals_deferred():
+            model = LlamaModel(path_model=info.path, params=params, verbose=False)
+    except (ValueError, RuntimeError) as exc:
+        raise ModelError(f"llama.cpp cannot read the vocabulary of {info.path}: {exc}") from exc
+    try:
+        return len(model.tokenize(text.encode(), add_bos=False, special=False))
+    finally:
+        model.close()
+
+
 def chat_formatter(llama):
     """The model's own chat template (ChatML when the GGUF carries none), as llama.cpp renders it."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
