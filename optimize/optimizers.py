@@ -41,14 +41,21 @@ class OptimizerSpec:
     compile_kwargs: Callable[[CompileInputs], dict[str, Any]] = lambda ctx: {"trainset": ctx.trainset}
 
 
+def input_text(example: dspy.Example, input_fields: tuple[str, ...]) -> str:
+    """What a lexical model reads of an example: its input fields joined, as the programs receive them."""
+    return " ".join(str(example.get(f, "")) for f in input_fields)
+
+
+def tfidf_vectorizer(texts: list[str]) -> Any:
+    """TF-IDF over words and word pairs, fitted on `texts`: KNN demos and the classical baselines share it."""
+    from sklearn.feature_extraction.text import TfidfVectorizer  # sklearn's import is slow: only when needed
+
+    return TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True).fit(texts)
+
+
 def tfidf_embedder(trainset: list[dspy.Example], input_fields: tuple[str, ...]) -> dspy.Embedder:
     """A lexical embedder that works offline: TF-IDF fitted on the training inputs."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-
-    def text(example: dspy.Example) -> str:
-        return " ".join(str(example.get(f, "")) for f in input_fields)
-
-    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True).fit([text(e) for e in trainset])
+    vectorizer = tfidf_vectorizer([input_text(e, input_fields) for e in trainset])
     # No caching: DSPy's embedding cache is keyed on the texts, not on this vectorizer, so vectors of
     # another run's vocabulary would come back for the same query.
     return dspy.Embedder(lambda texts: np.asarray(vectorizer.transform(texts).todense(), dtype=np.float32),
