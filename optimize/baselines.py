@@ -125,8 +125,9 @@ def run_baseline(trial: Trial, splits: Splits) -> Outcome:
                                        seconds=time.perf_counter() - start))
     spend = scoring["spend"]
     result = EvalResult(records, len(records), len(examples), False, spend.wall_seconds, spend.cpu_seconds)
+    fit_cost = cost.spend_units(fitting["spend"], prices(trial))
     metrics = {**chain_metrics(records, result, spend, prices(trial)), "skipped_rows": splits.skipped,
-               **{f"compile_{unit}": value for unit, value in cost.spend_units(fitting["spend"], prices(trial)).items()}}
+               **{f"compile_{unit}": value for unit, value in fit_cost.items()}}
     params = {"program.name": trial.program.name, "optimizer.name": trial.optimizer.name,
               "model.spec": trial.model.spec, "seed": trial.seed, "config_hash": identity(trial),
               "baseline.name": spec.name, **{f"baseline.{k}": v for k, v in spec.settings.items()},

@@ -92,7 +92,8 @@ def store(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
     mp.chdir(folder)
-    mp.setattr(trial_module, "build_lm", lambda cfg: DummyLM([{"intent": "apple"}] * 100, adapter=trial_module.adapter()))
+    mp.setattr(trial_module, "build_lm",
+               lambda cfg: DummyLM([{"intent": "apple"}] * 100, adapter=trial_module.adapter()))
     path = write_experiment(folder)
     assert main(["run", str(path), "--json", "-q"]) == 0
     yield folder, path
