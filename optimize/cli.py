@@ -124,8 +124,9 @@ def cmd_validate(args, out: Output) -> int:
 
     exp = load_experiment(args.experiment)
     check(exp, Path(args.experiment))
-    n = len(exp.combinations())
-    out.result(f"{args.experiment}: valid ({n} combination{'s' * (n != 1)})", {"valid": True, "combinations": n})
+    n, b = len(exp.combinations()), len(exp.baselines)
+    out.result(f"{args.experiment}: valid ({n} combination{'s' * (n != 1)}"
+               + (f", {b} baseline{'s' * (b != 1)})" if b else ")"), {"valid": True, "combinations": n, "baselines": b})
     return 0
 
 
@@ -178,6 +179,8 @@ def cmd_compare(args, out: Output) -> int:
                  [["*" if r["pareto"] else "", r["name"], r["run_id"], r["accuracy"], r["cost"],
                    r["metrics"].get("tokens_per_success"), r["metrics"].get("latency_p50"),
                    r["stopped"] or r["status"]] for r in rows])
+    if any(r["baseline"] for r in rows):
+        text += "\nbaseline.*: a classical TF-IDF classifier on the same training split, no LM (0 tokens)"
     out.result(text + "\n* Pareto-optimal: no other run is both more accurate and cheaper per success."
                "\nExport one with: chainopt export RUN_ID --out FOLDER",
                [{k: v for k, v in r.items()} for r in rows])

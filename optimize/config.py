@@ -124,12 +124,17 @@ class Experiment(Section):
     cost: CostConfig = CostConfig()
     tracking: TrackingConfig = TrackingConfig()
     eval: EvalConfig = EvalConfig()
+    baselines: tuple[str, ...] = Field((), description="classical classifiers fitted on the same training split "
+                                       "(optimize.baselines), each recorded as a child run beside the programs")
 
     @model_validator(mode="after")
     def _non_empty(self) -> "Experiment":
         for key in ("models", "programs", "optimizers", "seeds"):
             if not getattr(self, key):
                 raise ValueError(f"{key} must list at least one entry")
+        twice = sorted({b for b in self.baselines if self.baselines.count(b) > 1})
+        if twice:
+            raise ValueError(f"baselines lists {', '.join(twice)} more than once")
         return self
 
     def combinations(self) -> list["Trial"]:

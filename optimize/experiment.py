@@ -1,8 +1,9 @@
 """Running an experiment, top to bottom like a recipe:
 
-  check -> (each combination: load splits -> run the trial -> record it) -> break-even -> Pareto front
+  check -> (each combination: load splits -> run the trial -> record it) -> (each classical baseline:
+  fit, score, record it) -> break-even -> Pareto front
 
-One MLflow parent run per experiment, one child per combination of the sweep. A child whose trial
+One MLflow parent run per experiment, one child per combination of the sweep and per baseline. A child whose trial
 identity (resolved config, model sha256, data hash) already finished in this experiment's parent is not
 recomputed (resume after a kill). The trials run in optimize.trial; the records go through optimize.tracking.
 """
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from optimize import tracking
+from optimize import baselines, tracking
 from optimize.tracking import TrialResult
 from optimize.config import Experiment
 from optimize.data import Task, load_splits
@@ -42,14 +43,16 @@ class ExperimentResult:
 
 
 def experiment_hash(exp: Experiment) -> str:
-    return hashlib.sha256(json.dumps(exp.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+    # An experiment with no baselines hashes as it did before the key existed: its stored parent resumes.
+    dump = exp.model_dump(mode="json", exclude=set() if exp.baselines else {"baselines"})
+    return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def check(exp: Experiment, source: Path | None = None) -> None:
     """Fail before anything runs: every program (with its settings, on the data's task), optimizer
-    setting, model and dataset must resolve, and an intent task's labels must fit each model's context.
-    Every miss is reported at once, one per line, as the schema's errors are; with `source`, each line
-    starts with the experiment file's name."""
+    setting, model, dataset and baseline (on the data's task) must resolve, and an intent task's labels must
+    fit each model's context. Every miss is reported at once, one per line, as the schema's errors are; with
+    `source`, each line starts with the experiment file's name."""
     problems: list[ChainoptError] = []
 
     def attempt(step: Callable[..., T], *args: Any) -> T | None:
@@ -75,6 +78,10 @@ def check(exp: Experiment, source: Path | None = None) -> None:
         spec = attempt(get_program, trial.program.name)
         if spec is not None and splits is not None:
             attempt(build_program, spec, splits.task, program_settings(trial, spec))
+    for name in exp.baselines:
+        baseline = attempt(baselines.get_baseline, name)
+        if baseline is not None and splits is not None:
+            attempt(baselines.check_baseline, baseline, splits)
     if problems:
         lines = dict.fromkeys(line if source is None else f"{source}: {line}"
                               for exc in problems for line in str(exc).splitlines())
@@ -95,7 +102,8 @@ def labels_fit(task: Task, model: ModelConfig, info: ModelInfo) -> None:
 
 def run_experiment(exp: Experiment, source: Path | None = None, progress: Progress = lambda s: None,
                    live: bool | None = None) -> ExperimentResult:
-    """Run (or resume) every combination of the sweep and record it in MLflow; `live` forces the progress bar."""
+    """Run (or resume) every combination of the sweep and each baseline, and record them in MLflow; `live`
+    forces the progress bar."""
     check(exp, source)
     experiment_id = tracking.setup(exp.tracking.experiment or exp.name, exp.tracking.uri)
     ehash = experiment_hash(exp)
@@ -104,22 +112,26 @@ def run_experiment(exp: Experiment, source: Path | None = None, progress: Progre
     tracking.mark_killed(previous)  # a run left RUNNING was killed without a chance to say so (SIGKILL)
     results: list[TrialResult] = []
     with stop_on(signal.SIGTERM), tracking.parent_run(experiment_id, exp, ehash, parent, source) as parent_id:
-        trials = exp.combinations()
-        for number, trial in enumerate(trials, 1):
-            name = trial.run_name
-            key = identity(trial)
+        # (trial, baseline name): the sweep's combinations, then each classical baseline ("" for none)
+        work = [(trial, "") for trial in exp.combinations()]
+        work += [(baselines.baseline_trial(exp, name), name) for name in exp.baselines]
+        total = len(work)
+        for number, (trial, baseline) in enumerate(work, 1):
+            name = trial.program.name if baseline else trial.run_name
+            key = baselines.identity(trial) if baseline else identity(trial)
             done = tracking.finished_child(previous, key)
             if done is not None:
-                progress(f"[{number}/{len(trials)}] {name}: finished earlier, reused")
+                progress(f"[{number}/{total}] {name}: finished earlier, reused")
                 results.append(TrialResult(trial, done.info.run_id, tracking.read_metrics(done), reused=True,
                                            stopped=done.data.tags.get(tracking.TAG_STOPPED, "")))
                 continue
-            progress(f"[{number}/{len(trials)}] {name}")
+            progress(f"[{number}/{total}] {name}")
             splits = load_splits(trial.data)
             if splits.skipped:
                 progress(f"    {splits.skipped} malformed row(s) skipped (data.skip_malformed)")
-            with tracking.child_run(experiment_id, name, key) as run_id:
-                outcome = run_trial(trial, splits, lambda s: progress(f"    {s}"), live)
+            with tracking.child_run(experiment_id, name, key, baseline) as run_id:
+                outcome = (baselines.run_baseline(trial, splits) if baseline
+                           else run_trial(trial, splits, lambda s: progress(f"    {s}"), live))
                 tracking.record_trial(outcome)
             if outcome.failed:
                 progress(f"    FAILED: {outcome.failed}")

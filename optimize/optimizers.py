@@ -16,6 +16,7 @@ import numpy as np
 
 from optimize.errors import ConfigError
 from optimize.registry import Registry
+from programs.registry import Tunable
 
 
 @dataclass(frozen=True)
@@ -29,10 +30,64 @@ class CompileInputs:
     input_fields: tuple[str, ...]
 
 
+class SettingsSearch(dspy.Teleprompter):
+    """Searches a program's own settings (k, candidates, agree, ...: its `Tunable` values), which no DSPy
+    optimizer reaches, with Optuna on the validation set (the training set when there is none): every
+    combination of `space` when there are at most `trials` of them, else `trials` TPE draws. The best
+    accuracy wins; on a tie, the fewest LM tokens per example (so the cheaper program of two equals)."""
+
+    def __init__(self, metric: Callable, space: dict[str, list[Any]], trials: int = 16, num_threads: int = 8,
+                 seed: int = 0):
+        if not space or not all(isinstance(v, list) and v for v in space.values()):
+            raise ConfigError("settings_search needs space = { <program setting> = [values, ...], ... }")
+        self.metric, self.space, self.trials, self.num_threads, self.seed = metric, space, trials, num_threads, seed
+        self.candidate_programs: list[dict[str, Any]] = []
+
+    def compile(self, student: dspy.Module, *, trainset: list[dspy.Example],
+                valset: list[dspy.Example] | None = None) -> dspy.Module:
+        import optuna
+
+        from optimize import cost
+
+        tunable = getattr(student, "settings", None)
+        if not isinstance(tunable, Tunable):
+            raise ConfigError(f"settings_search: program {type(student).__name__} has no settings to search")
+        unknown = sorted(set(self.space) - set(tunable.values))
+        if unknown:
+            raise ConfigError(f"settings_search: the program has no setting {', '.join(unknown)}; "
+                              f"it has: {', '.join(tunable.values)}")
+        examples = valset or trainset
+        grid = int(np.prod([len(v) for v in self.space.values()]))
+        sampler = (optuna.samplers.GridSampler(self.space, seed=self.seed) if grid <= self.trials
+                   else optuna.samplers.TPESampler(seed=self.seed))
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(direction="maximize", sampler=sampler)
+        evaluate = dspy.Evaluate(devset=examples, metric=self.metric, num_threads=self.num_threads,
+                                 display_progress=False, provide_traceback=False)
+
+        def objective(trial: optuna.Trial) -> float:
+            values = {name: trial.suggest_categorical(name, choices) for name, choices in self.space.items()}
+            candidate = student.deepcopy()
+            candidate.settings.values.update(values)
+            with cost.metered(all_threads=True) as tally:
+                score = float(evaluate(candidate).score) / 100
+            tokens = tally.usage.tokens / max(1, len(examples))
+            self.candidate_programs.append({"score": score, "settings": values, "tokens_per_example": tokens,
+                                            "seed": trial.number})
+            return score
+
+        study.optimize(objective, n_trials=min(grid, self.trials))
+        best = min(self.candidate_programs, key=lambda c: (-c["score"], c["tokens_per_example"]))
+        compiled = student.deepcopy()
+        compiled.settings.values.update(best["settings"])
+        compiled.candidate_programs = sorted(self.candidate_programs, key=lambda c: (-c["score"], c["seed"]))
+        return compiled
+
+
 @dataclass(frozen=True)
 class OptimizerSpec:
     name: str
-    cls: str | None  # the DSPy class; None = zero-shot (no compile)
+    cls: str | type | None  # the DSPy class (by name) or chainopt's own; None = zero-shot (no compile)
     description: str
     defaults: dict[str, Any] = field(default_factory=dict)
     # runtime constructor arguments this optimizer takes, from CompileInputs
@@ -41,14 +96,21 @@ class OptimizerSpec:
     compile_kwargs: Callable[[CompileInputs], dict[str, Any]] = lambda ctx: {"trainset": ctx.trainset}
 
 
+def input_text(example: dspy.Example, input_fields: tuple[str, ...]) -> str:
+    """What a lexical model reads of an example: its input fields joined, as the programs receive them."""
+    return " ".join(str(example.get(f, "")) for f in input_fields)
+
+
+def tfidf_vectorizer(texts: list[str]) -> Any:
+    """TF-IDF over words and word pairs, fitted on `texts`: KNN demos and the classical baselines share it."""
+    from sklearn.feature_extraction.text import TfidfVectorizer  # sklearn's import is slow: only when needed
+
+    return TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True).fit(texts)
+
+
 def tfidf_embedder(trainset: list[dspy.Example], input_fields: tuple[str, ...]) -> dspy.Embedder:
     """A lexical embedder that works offline: TF-IDF fitted on the training inputs."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-
-    def text(example: dspy.Example) -> str:
-        return " ".join(str(example.get(f, "")) for f in input_fields)
-
-    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True).fit([text(e) for e in trainset])
+    vectorizer = tfidf_vectorizer([input_text(e, input_fields) for e in trainset])
     # No caching: DSPy's embedding cache is keyed on the texts, not on this vectorizer, so vectors of
     # another run's vocabulary would come back for the same query.
     return dspy.Embedder(lambda texts: np.asarray(vectorizer.transform(texts).todense(), dtype=np.float32),
@@ -108,12 +170,21 @@ OPTIMIZERS: Registry[OptimizerSpec] = Registry("optimizer", {spec.name: spec for
                   {"bsize": 8, "num_candidates": 2, "max_steps": 2, "max_demos": 2},
                   runtime=lambda c: {"metric": c.metric, "prompt_model": c.teacher_lm, "num_threads": c.threads},
                   compile_kwargs=lambda c: {"trainset": c.trainset, "seed": c.seed}),
+    OptimizerSpec("settings_search", SettingsSearch,
+                  "the program's own settings (k, candidates, agree...) by grid or TPE search on the dev split",
+                  {"space": {"agree": [0, 4, 5, 6]}, "trials": 16},
+                  runtime=lambda c: {"metric": c.metric, "num_threads": c.threads, "seed": c.seed},
+                  compile_kwargs=lambda c: {"trainset": c.trainset, "valset": c.valset or None}),
     OptimizerSpec("gepa", "GEPA", "reflective prompt evolution with textual feedback (reflection model configurable)",
                   {"max_metric_calls": 60, "reflection_minibatch_size": 3, "track_stats": True},
                   runtime=lambda c: {"metric": c.metric, "reflection_lm": c.teacher_lm, "num_threads": c.threads,
                                      "seed": c.seed},
                   compile_kwargs=lambda c: {"trainset": c.trainset, "valset": c.valset or None}),
 ]})
+
+
+def teleprompter_class(spec: OptimizerSpec) -> type:
+    return getattr(dspy, spec.cls) if isinstance(spec.cls, str) else spec.cls
 
 
 def get_optimizer(name: str) -> OptimizerSpec:
@@ -127,7 +198,7 @@ def resolve_settings(spec: OptimizerSpec, settings: dict[str, Any]) -> dict[str,
         if settings:
             raise ConfigError(f"optimizer 'none' takes no settings, got: {', '.join(settings)}")
         return resolved
-    params = inspect.signature(getattr(dspy, spec.cls).__init__).parameters
+    params = inspect.signature(teleprompter_class(spec).__init__).parameters
     open_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values()) and spec.cls != "COPRO"
     allowed = set(params) - {"self", "metric", "prompt_model", "task_model", "reflection_lm", "teacher_settings",
                              "trainset", "vectorizer"} | ({"embedder"} if spec.name == "knn_fewshot" else set())
@@ -145,7 +216,7 @@ def compile_program(spec: OptimizerSpec, settings: dict[str, Any], student: dspy
         return student, None
     kwargs = dict(settings)
     runtime = _knn_runtime(ctx, kwargs) if spec.name == "knn_fewshot" else spec.runtime(ctx)
-    teleprompter = getattr(dspy, spec.cls)(**kwargs, **runtime)
+    teleprompter = teleprompter_class(spec)(**kwargs, **runtime)
     return teleprompter.compile(student, **spec.compile_kwargs(ctx)), teleprompter
 
 

@@ -41,8 +41,10 @@ def default_path(experiment: str) -> Path:
 
 
 def best_run(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Highest accuracy, then lowest cost per success; a FAILED run (mostly chain errors) is no candidate."""
-    scored = [r for r in rows if r["accuracy"] is not None and r.get("status") != "FAILED"]
+    """The best LLM program: highest accuracy, then lowest cost per success. A classical baseline is never
+    it (it has no DSPy program to show or export; the report sets it against the baselines instead), nor is
+    a FAILED run (mostly chain errors)."""
+    scored = [r for r in rows if r["accuracy"] is not None and not r.get("baseline") and r.get("status") != "FAILED"]
     cost = lambda r: math.inf if r["cost"] is None else r["cost"]
     return min(scored, key=lambda r: (-r["accuracy"], cost(r)), default=None)
 
@@ -96,7 +98,7 @@ def gather(experiment: str, uri: str | None = None, unit: str = "seconds") -> di
             "status": parent.info.status, "unit": unit,
             "versions": {k: v for k, v in parent.data.tags.items() if k.endswith((".version", ".commit"))},
             "runs": [{**{k: r[k] for k in ("run_id", "name", "status", "stopped", "program", "optimizer", "model",
-                                           "seed", "accuracy", "cost", "pareto", "metrics")},
+                                           "seed", "accuracy", "cost", "pareto", "metrics", "baseline")},
                       "break_even": {u: r["metrics"][f"break_even_queries_{u}"] for u in UNITS
                                      if f"break_even_queries_{u}" in r["metrics"]}} for r in rows],
             "priced": priced(rows), "best_run_id": best["run_id"] if best else None,

@@ -39,6 +39,7 @@ TAG_EXPERIMENT_HASH = "chainopt.experiment_hash"
 TAG_STOPPED = "chainopt.stopped"
 TAG_FAILED = "chainopt.failed"
 TAG_PARETO = "chainopt.pareto"
+TAG_BASELINE = "chainopt.baseline"  # on a classical baseline's child: its name (optimize.baselines)
 
 
 @dataclass
@@ -162,10 +163,11 @@ def parent_run(experiment_id: str, exp: "Experiment", experiment_hash: str, resu
 
 
 @contextlib.contextmanager
-def child_run(experiment_id: str, name: str, identity: str) -> Iterator[str]:
-    """A child run for one trial, nested in the active parent; FAILED if the block raises."""
-    with mlflow.start_run(run_name=name, nested=True, experiment_id=experiment_id,
-                          tags={TAG_KIND: "child", TAG_HASH: identity, **versions()}) as run:
+def child_run(experiment_id: str, name: str, identity: str, baseline: str = "") -> Iterator[str]:
+    """A child run for one trial (or the classical `baseline` of that name), nested in the active parent;
+    FAILED if the block raises."""
+    tags = {TAG_KIND: "child", TAG_HASH: identity, **versions(), **({TAG_BASELINE: baseline} if baseline else {})}
+    with mlflow.start_run(run_name=name, nested=True, experiment_id=experiment_id, tags=tags) as run:
         yield run.info.run_id
 
 
@@ -232,6 +234,9 @@ def finished_trial(run_id: str, uri: str | None = None) -> Run:
         raise ChainoptError(f"no MLflow run {run_id!r} in {mlflow.get_tracking_uri()}") from exc
     if run.data.tags.get(TAG_KIND) != "child" or run.info.status != "FINISHED":
         raise ChainoptError(f"run {run_id} is not a finished chainopt trial (status {run.info.status})")
+    if TAG_BASELINE in run.data.tags:
+        raise ChainoptError(f"run {run_id} is the classical baseline {run.data.tags[TAG_BASELINE]}: "
+                            "it has no DSPy program to export")
     return run
 
 
@@ -297,7 +302,8 @@ def child_rows(experiment_id: str, parent_id: str, cost_metric: str = "seconds_p
                      "program": p.get("program.name"), "optimizer": p.get("optimizer.name"),
                      "model": p.get("model.spec"), "seed": p.get("seed"),
                      "accuracy": m.get("accuracy"), "cost": m.get(cost_metric), "metrics": m, "params": p,
-                     "stopped": run.data.tags.get(TAG_STOPPED, ""), "failed": run.data.tags.get(TAG_FAILED, "")})
+                     "stopped": run.data.tags.get(TAG_STOPPED, ""), "failed": run.data.tags.get(TAG_FAILED, ""),
+                     "baseline": run.data.tags.get(TAG_BASELINE, "")})
     # A run with no success has no cost per success to trade against accuracy: it is never on the front.
     # Nor is a run answered partly from DSPy's response cache: its tokens are replayed, but its time (and so
     # its joules and dollars) is not what computing the answers takes. Nor is a FAILED run: it is no result.
@@ -318,10 +324,13 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path, cost_label: str = "secon
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     finite = [r for r in rows if r["cost"] is not None and math.isfinite(r["cost"]) and r["accuracy"] is not None]
+    one_program = len({x["program"] for x in rows if not x.get("baseline")}) == 1
     for r in finite:
-        ax.scatter(r["cost"], r["accuracy"], s=70 if r["pareto"] else 35,
-                   c="tab:red" if r["pareto"] else "tab:blue", zorder=3)
-        label = r["optimizer"] if len({x["program"] for x in rows}) == 1 else f"{r['program']}+{r['optimizer']}"
+        # A classical baseline is a square named by itself, so the LLM programs' points are read against it.
+        ax.scatter(r["cost"], r["accuracy"], s=70 if r["pareto"] else 35, marker="s" if r.get("baseline") else "o",
+                   c="tab:red" if r["pareto"] else "tab:gray" if r.get("baseline") else "tab:blue", zorder=3)
+        label = (r["program"] if r.get("baseline") else r["optimizer"] if one_program
+                 else f"{r['program']}+{r['optimizer']}")
         ax.annotate(label, (r["cost"], r["accuracy"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
     front = sorted((r for r in finite if r["pareto"]), key=lambda r: r["cost"])
     if front:
