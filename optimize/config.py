@@ -75,6 +75,8 @@ class DataConfig(Section):
 class ProgramConfig(Section):
     name: str = "intent.predict"
     settings: dict[str, Any] = Field(default_factory=dict)
+    optimizers: tuple[str, ...] | None = Field(None, description="run this program only with these of the "
+                                                "experiment's optimizers (default: with all of them)")
 
 
 class OptimizerConfig(Section):
@@ -132,6 +134,12 @@ class Experiment(Section):
         for key in ("models", "programs", "optimizers", "seeds"):
             if not getattr(self, key):
                 raise ValueError(f"{key} must list at least one entry")
+        named = {o.name for o in self.optimizers}
+        for program in self.programs:
+            missing = [name for name in program.optimizers or () if name not in named]
+            if missing:
+                raise ValueError(f"program {program.name} lists optimizer {', '.join(missing)}, which the "
+                                 f"experiment does not run; its optimizers: {', '.join(sorted(named))}")
         twice = sorted({b for b in self.baselines if self.baselines.count(b) > 1})
         if twice:
             raise ValueError(f"baselines lists {', '.join(twice)} more than once")
@@ -140,7 +148,8 @@ class Experiment(Section):
     def combinations(self) -> list["Trial"]:
         return [Trial(experiment=self.name, model=m, data=self.data, program=p, optimizer=o, seed=s,
                       budget=self.budget, cost=self.cost, eval=self.eval)
-                for m, p, o, s in itertools.product(self.models, self.programs, self.optimizers, self.seeds)]
+                for m, p, o, s in itertools.product(self.models, self.programs, self.optimizers, self.seeds)
+                if p.optimizers is None or o.name in p.optimizers]
 
 
 class Trial(Section):

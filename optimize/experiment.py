@@ -26,7 +26,7 @@ from optimize.interrupts import stop_on
 from optimize.llm.engine import count_tokens
 from optimize.llm.models import ModelInfo, describe
 from optimize.llm.settings import ModelConfig
-from optimize.optimizers import get_optimizer, resolve_settings
+from optimize.optimizers import get_optimizer, resolve_settings, searchable
 from optimize.trial import build_program, get_program, identity, program_settings, run_trial
 
 Progress = Callable[[str], None]
@@ -77,7 +77,10 @@ def check(exp: Experiment, source: Path | None = None) -> None:
     for trial in exp.combinations():
         spec = attempt(get_program, trial.program.name)
         if spec is not None and splits is not None:
-            attempt(build_program, spec, splits.task, program_settings(trial, spec))
+            student = attempt(build_program, spec, splits.task, program_settings(trial, spec))
+            if student is not None and trial.optimizer.name == "settings_search":
+                space = {**get_optimizer("settings_search").defaults, **trial.optimizer.settings}["space"]
+                attempt(searchable, student, space)
     for name in exp.baselines:
         baseline = attempt(baselines.get_baseline, name)
         if baseline is not None and splits is not None:

@@ -29,6 +29,7 @@ class CompileInputs:
     seed: int
     threads: int
     input_fields: tuple[str, ...]
+    pool: list[dspy.Example] | None = None  # the whole training split, for retrieval (default: trainset)
 
 
 class SettingsSearch(Teleprompter):
@@ -50,13 +51,7 @@ class SettingsSearch(Teleprompter):
 
         from optimize import cost
 
-        tunable = getattr(student, "settings", None)
-        if not isinstance(tunable, Tunable):
-            raise ConfigError(f"settings_search: program {type(student).__name__} has no settings to search")
-        unknown = sorted(set(self.space) - set(tunable.values))
-        if unknown:
-            raise ConfigError(f"settings_search: the program has no setting {', '.join(unknown)}; "
-                              f"it has: {', '.join(tunable.values)}")
+        searchable(student, self.space)
         examples = valset or trainset
         grid = int(np.prod([len(v) for v in self.space.values()]))
         sampler = (optuna.samplers.GridSampler(self.space, seed=self.seed) if grid <= self.trials
@@ -83,6 +78,18 @@ class SettingsSearch(Teleprompter):
         compiled.settings.values.update(best["settings"])
         compiled.candidate_programs = sorted(self.candidate_programs, key=lambda c: (-c["score"], c["seed"]))
         return compiled
+
+
+def searchable(student: dspy.Module, space: dict[str, Any]) -> None:
+    """Refuse a search over settings the program does not have, before anything runs."""
+    tunable = getattr(student, "settings", None)
+    if not isinstance(tunable, Tunable):
+        raise ConfigError(f"settings_search: program {type(student).__name__} has no settings to search; "
+                          f"limit the program to other optimizers with its `optimizers` list")
+    unknown = sorted(set(space) - set(tunable.values))
+    if unknown:
+        raise ConfigError(f"settings_search: the program has no setting {', '.join(unknown)}; "
+                          f"it has: {', '.join(tunable.values)}")
 
 
 @dataclass(frozen=True)
@@ -135,8 +142,9 @@ def _knn_runtime(ctx: CompileInputs, settings: dict[str, Any]) -> dict[str, Any]
     embedder = settings.pop("embedder", "tfidf")
     if embedder not in ("tfidf", "minilm"):
         raise ConfigError(f"knn_fewshot embedder {embedder!r} is not one of: tfidf, minilm")
-    vectorizer = tfidf_embedder(ctx.trainset, ctx.input_fields) if embedder == "tfidf" else minilm_embedder()
-    return {"trainset": ctx.trainset, "vectorizer": vectorizer, "metric": ctx.metric}
+    pool = ctx.pool or ctx.trainset  # nearest neighbours come from the whole training split
+    vectorizer = tfidf_embedder(pool, ctx.input_fields) if embedder == "tfidf" else minilm_embedder()
+    return {"trainset": pool, "vectorizer": vectorizer, "metric": ctx.metric}
 
 
 OPTIMIZERS: Registry[OptimizerSpec] = Registry("optimizer", {spec.name: spec for spec in [

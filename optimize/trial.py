@@ -177,8 +177,9 @@ def run_trial(trial: Trial, splits: Splits, progress: Progress = lambda s: None,
     with dspy.context(lm=lm, adapter=adapter_ or adapter()), \
             cost.metered("run", trial.budget.run_tokens, all_threads=True) as run_tally:
         with timed(f"compiling with {opt_spec.name}", progress, live=live), cost.spending(watts) as phase:
-            ctx = CompileInputs(metric=metric, trainset=splits.train[:trial.data.compile_train], valset=splits.dev, teacher_lm=teacher,
-                                seed=trial.seed, threads=trial.eval.threads, input_fields=splits.task.input_fields)
+            ctx = CompileInputs(metric=metric, trainset=splits.train[:trial.data.compile_train], valset=splits.dev,
+                                teacher_lm=teacher, seed=trial.seed, threads=trial.eval.threads,
+                                input_fields=splits.task.input_fields, pool=splits.train)
             try:
                 compiled, teleprompter = compile_program(opt_spec, dict(opt_settings), student, ctx)
             except Exception as exc:

@@ -160,15 +160,16 @@ class IntentRetrieve(dspy.Module):
 
     The prompt keeps the instruction and any compiled demos first, shared by every call, then the
     retrieved demos (the most similar last, next to the query, unless `nearest_last` = 0), then the query
-    and its choices. `inline` = 1 writes the retrieved demos as one compact input field instead of a
-    conversation turn each (fewer tokens to compute per query). The choices are the neighbours' labels,
+    and its choices. The retrieved demos are one compact input field (`inline` = 1, "text -> label" per
+    line), or with `inline` = 0 a conversation turn each: on Banking77 with the embedded model, inline
+    measured 68% at 350 tokens per example against turns' 60% at 480 (README). The choices are the neighbours' labels,
     most votes first, at most `candidates` of them (0: all). When at least `agree` of the k neighbours
     share one label (0: never), or all share one, that label is the answer and no LM call is made. An
     answer the label check rejects is retried over the whole label set, told why.
     """
 
     def __init__(self, task: TaskLike, k: int = 8, candidates: int = 0, nearest_last: int = 1, agree: int = 0,
-                 inline: int = 0, max_retries: int = 1, embedder: str = "tfidf"):
+                 inline: int = 1, max_retries: int = 1, embedder: str = "tfidf"):
         super().__init__()
         if k < 1:
             raise ProgramError(f"intent.retrieve needs k >= 1, got {k}")
@@ -265,7 +266,7 @@ SPECS = (
         "intent.retrieve", "intent",
         "k similar training examples as demos, the answer narrowed to their labels; validated, with a retry",
         IntentRetrieve, _label_metric,
-        settings={"k": 8, "candidates": 0, "nearest_last": 1, "agree": 0, "inline": 0, "max_retries": 1,
+        settings={"k": 8, "candidates": 0, "nearest_last": 1, "agree": 0, "inline": 1, "max_retries": 1,
                   "embedder": "tfidf"},
     ),
 )

@@ -143,3 +143,23 @@ def test_validate_finds_the_data_file_beside_the_experiment(tmp_path, monkeypatc
                                               'inputs = { query = "text" }\nanswer = "label"\ntrain = 1\ntest = 2\n')
     monkeypatch.chdir(tmp_path)
     assert main(["validate", "exps/x.toml"]) == 0, capsys.readouterr().err
+
+
+def test_a_program_can_be_limited_to_some_optimizers():
+    exp = parse_experiment({"name": "x", "optimizers": [{"name": "none"}, {"name": "settings_search"}], "programs": [
+        {"name": "intent.predict", "optimizers": ["none"]}, {"name": "intent.retrieve"}]})
+    assert [(t.program.name, t.optimizer.name) for t in exp.combinations()] == [
+        ("intent.predict", "none"), ("intent.retrieve", "none"), ("intent.retrieve", "settings_search")]
+    with pytest.raises(ConfigError, match="lists optimizer nope, which the experiment does not run; its optimizers: none"):
+        parse_experiment({"name": "x", "programs": [{"name": "intent.predict", "optimizers": ["nope"]}]})
+
+
+def test_settings_search_on_a_program_without_settings_is_refused_before_running():
+    from optimize.experiment import check
+
+    exp = parse_experiment({"name": "x", "data": {"train": 4, "test": 2}, "optimizers": [{"name": "settings_search"}],
+                            "programs": [{"name": "intent.predict"}, {"name": "intent.retrieve",
+                                                                      "optimizers": ["settings_search"]}]})
+    with pytest.raises(ConfigError, match="program IntentClassifier has no settings to search") as caught:
+        check(exp)
+    assert len(str(caught.value).splitlines()) == 1  # intent.retrieve has agree: only intent.predict is refused

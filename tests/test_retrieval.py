@@ -52,7 +52,7 @@ def test_an_empty_retriever_is_a_clear_error():
 
 
 def test_demos_come_nearest_last_and_choices_follow_the_query_only():
-    built = program(k=3)
+    built = program(k=3, inline=0)
     prediction, lm = ask(built, [{"intent": "card_arrival"}], "new card not arrived")
     messages = lm.history[-1]["messages"]
     system, *demos, request = messages
@@ -101,7 +101,7 @@ def test_a_rejected_answer_is_retried_over_all_labels():
 
 
 def test_inline_demos_are_one_field_not_turns():
-    _, lm = ask(program(k=3, inline=1), [{"intent": "card_arrival"}], "new card not arrived")
+    _, lm = ask(program(k=3), [{"intent": "card_arrival"}], "new card not arrived")
     system, request = lm.history[-1]["messages"]
     assert "my new card has not arrived -> card_arrival" in request["content"]
     assert request["content"].index("-> card_arrival") < request["content"].index("new card not arrived\n")
