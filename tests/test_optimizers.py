@@ -55,8 +55,8 @@ class Oracle:
     def complete(self, request):
         schema = (request.config.response_format or {}).get("schema") or {}
         users = [m.text or "" for m in request.messages if m.role == "user"]
-        # A query whose choices are narrowed for this call has them after it (intent.retrieve).
-        queries = [u.removeprefix(QUERY).split("\n\nChoices for `intent`:")[0] for u in users if u.startswith(QUERY)]
+        # intent.retrieve puts its retrieved examples before the query and the call's choices after it.
+        queries = [u.split(QUERY, 1)[1].split("\n\nChoices for `intent`:")[0] for u in users if QUERY in u]
         system = request.system if isinstance(request.system, str) else "".join(p.text for p in request.system or [])
         if "intent" in schema.get("properties", {}) and queries and queries[-1] in self.gold:
             call = {"query": queries[-1], "demos": queries[:-1], "system": system}
