@@ -49,17 +49,22 @@ def best_run(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     return min(scored, key=lambda r: (-r["accuracy"], cost(r)), default=None)
 
 
-def program_state(run_id: str) -> list[dict[str, Any]]:
-    """Each predictor's instructions, fields and demos, from the run's DSPy program.json."""
+def program_state(run_id: str) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Each predictor's instructions, fields and demos, and the program's own settings and retrieval pool
+    (a retrieval step chooses demos per query: its pool and k say what the prompt holds), from program.json."""
     local = tracking.download(run_id, "program.json")
     if local is None:
-        return []
+        return [], None
     state = json.loads(local.read_text(encoding="utf-8"))
+    pools = [v for v in state.values() if isinstance(v, dict) and "examples" in v and "embedder" in v]
+    settings = next((v for k, v in state.items() if k == "settings" and isinstance(v, dict)), None)
+    retrieval = ({"pool": len(pools[0]["examples"]), "embedder": pools[0]["embedder"], "settings": settings or {}}
+                 if pools else None)
     return [{"name": name, "instructions": value.get("signature", {}).get("instructions", ""),
              "fields": [f.get("prefix", "") for f in value.get("signature", {}).get("fields", [])],
              "demos": value.get("demos", []),
              "demo_fields": list(dict.fromkeys(k for demo in value.get("demos", []) for k in demo))}
-            for name, value in state.items() if isinstance(value, dict) and "signature" in value]
+            for name, value in state.items() if isinstance(value, dict) and "signature" in value], retrieval
 
 
 def knn_demos(run: dict[str, Any]) -> dict[str, int] | None:
@@ -93,6 +98,7 @@ def gather(experiment: str, uri: str | None = None, unit: str = "seconds") -> di
     parent_id = parent.info.run_id
     rows = tracking.child_rows(experiment_id, parent_id, f"{unit}_per_success")
     best = best_run(rows)
+    predictors, retrieval = program_state(best["run_id"]) if best else ([], None)
     return {"experiment": experiment, "tracking_uri": tracking.tracking_uri(uri), "parent_run_id": parent_id,
             "started": dt.datetime.fromtimestamp(parent.info.start_time / 1000).isoformat(timespec="seconds"),
             "status": parent.info.status, "unit": unit,
@@ -103,7 +109,7 @@ def gather(experiment: str, uri: str | None = None, unit: str = "seconds") -> di
                                      if f"break_even_queries_{u}" in r["metrics"]}} for r in rows],
             "priced": priced(rows), "best_run_id": best["run_id"] if best else None,
             "best_knn": knn_demos(best) if best else None,
-            "best_program": program_state(best["run_id"]) if best else [],
+            "best_program": predictors, "best_retrieval": retrieval,
             "pareto_png": pareto_png(parent_id, rows, unit)}
 
 

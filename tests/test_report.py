@@ -306,3 +306,30 @@ def test_unknown_experiment_is_a_clean_error(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["report", "never-ran"]) == 2
     assert "no runs recorded for experiment 'never-ran'" in capsys.readouterr().err
+
+
+def test_retrieval_winner_shows_its_pool_and_settings(report):
+    """Fails if a retrieval program (demos chosen per query from a pool saved in program.json) reads as
+    zero-shot, or if the settings a search chose are not shown."""
+    _, data = report
+    program = [{**pred, "demos": [], "demo_fields": []} for pred in data["best_program"]]
+    retrieval = {"pool": 9900, "embedder": "tfidf", "settings": {"k": 8, "agree": 3}}
+    section = render({**data, "best_program": program, "best_retrieval": retrieval}).split("<h2>Best program</h2>")[1]
+    text = " ".join(section.split("<h2>")[0].split())
+    assert "the 8 training examples most similar to each input (from a pool of 9,900, tfidf)" in text
+    assert "<code>k = 8</code>, <code>agree = 3</code>" in text
+    assert "No fixed demos: only the retrieved ones." in text and "zero-shot" not in text
+
+
+def test_retrieval_winner_is_read_from_its_saved_pool(tmp_path):
+    """Fails if the report does not find a retrieval program's pool and settings in its program.json."""
+    state = {**_state("Classify the customer request.", []),
+             "retrieve": {"embedder": "tfidf", "input_fields": ["query"],
+                          "examples": [{"query": f"q{i}", "intent": "card_arrival"} for i in range(37)]},
+             "settings": {"k": 5, "agree": 4}}
+    runs = [("retrieve", "settings_search", _metrics(0.75, 1.0, 0.0), state, None)]
+    write_report(_record("report-retrieve", runs, tmp_path), tmp_path / "r.html")
+    text = (tmp_path / "r.html").read_text(encoding="utf-8")
+    best = " ".join(text.split("<h2>Best program</h2>")[1].split("<h2>")[0].split())
+    assert "the 5 training examples most similar to each input (from a pool of 37, tfidf)" in best
+    assert "<code>agree = 4</code>" in best
