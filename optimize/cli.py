@@ -107,7 +107,8 @@ def cmd_eval(args, out: Output) -> int:
     from optimize.config import DataConfig, EvalConfig, ModelConfig, ProgramConfig, TrackingConfig, parse_experiment
     from optimize.experiment import run_experiment
 
-    sizes = {"train": 0, "dev": 0, "test": 0, args.split: args.limit}
+    sizes = {"train": args.train, "dev": 0, "test": 0}
+    sizes[args.split] += args.limit
     exp = parse_experiment({
         "name": f"eval-{args.program}-{args.dataset}", "models": [ModelConfig(spec=args.model).model_dump()],
         "data": DataConfig(dataset=args.dataset, **sizes).model_dump(),
@@ -288,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "dev", "test"])
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--train", type=int, default=0,
+                   help="training examples a retrieval program (intent.retrieve) searches; default 0")
     add("validate", cmd_validate, "check an experiment file without running it").add_argument("experiment")
     add("datasets", cmd_datasets, "list the datasets").add_argument("action", choices=["list"])
     add("models", cmd_models, "list the embedded models").add_argument("action", choices=["list"])

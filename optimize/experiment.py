@@ -28,6 +28,7 @@ from optimize.llm.models import ModelInfo, describe
 from optimize.llm.settings import ModelConfig
 from optimize.optimizers import get_optimizer, resolve_settings, searchable
 from optimize.trial import build_program, get_program, identity, program_settings, run_trial
+from programs.retrieval import retrievers
 
 Progress = Callable[[str], None]
 T = TypeVar("T")
@@ -78,6 +79,9 @@ def check(exp: Experiment, source: Path | None = None) -> None:
         spec = attempt(get_program, trial.program.name)
         if spec is not None and splits is not None:
             student = attempt(build_program, spec, splits.task, program_settings(trial, spec))
+            if student is not None and retrievers(student) and not splits.train:
+                problems.append(ConfigError(f"program {trial.program.name} retrieves from the training split, "
+                                            f"which is empty: set [data] train (chainopt eval: --train N)"))
             if student is not None and trial.optimizer.name == "settings_search":
                 space = {**get_optimizer("settings_search").defaults, **trial.optimizer.settings}["space"]
                 attempt(searchable, student, space)

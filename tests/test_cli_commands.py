@@ -10,6 +10,7 @@ from optimize import tracking
 from optimize.cli import main
 
 PROGRAMS = {"intent.predict": "intent", "intent.cot": "intent", "intent.chain": "intent",
+            "intent.retrieve": "intent",
             "math.predict": "math", "math.cot": "math", "math.chain": "math"}
 
 

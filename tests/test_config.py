@@ -163,3 +163,14 @@ def test_settings_search_on_a_program_without_settings_is_refused_before_running
     with pytest.raises(ConfigError, match="program IntentClassifier has no settings to search") as caught:
         check(exp)
     assert len(str(caught.value).splitlines()) == 1  # intent.retrieve has agree: only intent.predict is refused
+
+
+def test_a_retrieval_program_without_training_examples_is_refused_before_running(capsys):
+    from optimize.cli import main
+    from optimize.experiment import check
+
+    exp = parse_experiment({"name": "x", "data": {"train": 0, "test": 2}, "programs": [{"name": "intent.retrieve"}]})
+    with pytest.raises(ConfigError, match="intent.retrieve retrieves from the training split, which is empty"):
+        check(exp)
+    assert main(["eval", "--program", "intent.retrieve", "--dataset", "banking77", "--limit", "2"]) == 2
+    assert "chainopt eval: --train N" in capsys.readouterr().err
