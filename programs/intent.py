@@ -69,6 +69,22 @@ def _choose(predictor: dspy.Module, output: str, inputs: dict[str, Any], labels:
     return label
 
 
+def _retry(predictor: dspy.Module, output: str, inputs: dict[str, Any], labels: Sequence[str], rejections: list[str],
+           record: Record, max_retries: int, name: str) -> str | None:
+    """Choose again over all `labels`, told why earlier answers were rejected, until one passes the label
+    check or `max_retries` is spent. The feedback grows with each rejection, so no retry repeats the same
+    input (and DSPy's cached output)."""
+    while record.retries < max_retries:
+        record.retries += 1
+        with step(name):
+            try:
+                return _choose(predictor, output, {**inputs, "feedback": "\n".join(rejections)}, labels, record)
+            except (LabelError, UnreadableOutput) as e:
+                rejections.append(f"retry {record.retries}: {e}")
+                record.fail(rejections[-1])
+    return None
+
+
 class IntentClassifier(dspy.Module):
     """Query → label in one call (Predict), or after a reasoning field (ChainOfThought)."""
 
@@ -142,15 +158,9 @@ class IntentChain(dspy.Module):
             stage = "group" if group is None else f"label in group {group}"
             rejections.append(f"{stage}: {e}")
             record.fail(rejections[-1])
-        while label is None and record.retries < self.max_retries:
-            record.retries += 1
-            with step("label.retry"):
-                try:
-                    feedback = "\n".join(rejections)
-                    label = _choose(self.retry, self.output, {**inputs, "feedback": feedback}, self.labels, record)
-                except (LabelError, UnreadableOutput) as e:
-                    rejections.append(f"retry {record.retries}: {e}")
-                    record.fail(rejections[-1])
+        if label is None:
+            label = _retry(self.retry, self.output, inputs, self.labels, rejections, record, self.max_retries,
+                           "label.retry")
         return record.prediction(**{self.output: label, "group": group})
 
 
@@ -218,15 +228,9 @@ class IntentRetrieve(dspy.Module):
                 except (LabelError, UnreadableOutput) as e:
                     rejections.append(f"classify: {e}")
                     record.fail(rejections[-1])
-        while label is None and record.retries < self.settings["max_retries"]:
-            record.retries += 1
-            with step("classify.retry"):
-                try:
-                    feedback = "\n".join(rejections)
-                    label = _choose(self.retry, self.output, {**inputs, "feedback": feedback}, self.labels, record)
-                except (LabelError, UnreadableOutput) as e:
-                    rejections.append(f"retry {record.retries}: {e}")
-                    record.fail(rejections[-1])
+        if label is None:
+            label = _retry(self.retry, self.output, inputs, self.labels, rejections, record,
+                           self.settings["max_retries"], "classify.retry")
         return record.prediction(**{self.output: label})
 
     def _request(self, inputs: dict[str, Any], demos: Sequence[dspy.Example], choices: tuple[str, ...]):
