@@ -15,6 +15,16 @@ from optimize.errors import ChainoptError
 from optimize.ui import artifact_root, free_port, server_command
 
 
+def _started(proc: subprocess.Popen) -> dict:
+    """What `chainopt ui --json` printed once its server is up (fails with its stderr if it ended early)."""
+    lines: list[str] = []
+    while not lines or lines[-1] != "}\n":
+        line = proc.stdout.readline()
+        assert line, f"chainopt ui ended early: {proc.stderr.read()}"
+        lines.append(line)
+    return json.loads("".join(lines))
+
+
 @pytest.mark.parametrize("uri, root", [
     ("sqlite:////data/x/mlflow.db", "file:///data/x/mlruns"),
     ("file:///data/mlruns", "file:///data/mlruns"),
@@ -61,12 +71,7 @@ def test_cli_serves_the_store_named_by_the_environment_until_interrupted():
                             stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
-        lines = []
-        while not lines or lines[-1] != "}\n":
-            line = proc.stdout.readline()
-            assert line, f"chainopt ui ended early: {proc.stderr.read()}"
-            lines.append(line)
-        info = json.loads("".join(lines))
+        info = _started(proc)
         assert info["tracking_uri"] == uri and info["url"].startswith("http://127.0.0.1:")
         found = _get(f"{info['url']}/api/2.0/mlflow/experiments/get-by-name?experiment_name=ui-test")
         assert found["experiment"]["experiment_id"] == experiment_id
@@ -99,12 +104,7 @@ def test_a_terminated_ui_stops_the_server_it_started(sig):
                             preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL))  # as in a terminal, not nohup
     server = None
     try:
-        lines = []
-        while not lines or lines[-1] != "}\n":
-            line = proc.stdout.readline()
-            assert line, f"chainopt ui ended early: {proc.stderr.read()}"
-            lines.append(line)
-        info = json.loads("".join(lines))
+        info = _started(proc)
         server = info["pid"]
         assert info["url"] == f"http://127.0.0.1:{port}"
         with urllib.request.urlopen(f"{info['url']}/health", timeout=10) as response:
