@@ -240,9 +240,19 @@ def finished_trial(run_id: str, uri: str | None = None) -> Run:
     return run
 
 
+def experiment_file(run: Run) -> str | None:
+    """The experiment file a child run's parent was started from (logged under config/), or None (a run
+    started from Python)."""
+    parent = run.data.tags.get("mlflow.parentRunId")
+    logged = [f.path for f in MlflowClient().list_artifacts(parent, "config") if f.path.endswith(".toml")] \
+        if parent else []
+    local = download(parent, logged[0]) if logged else None
+    return local.read_text(encoding="utf-8") if local else None
+
+
 def register_export(folder: Path, manifest: dict[str, Any], serving: Path) -> dict[str, str]:
     """Log an export as a pyfunc model (from code, no pickle) in its run and register a model version,
-    its metrics as tags."""
+    its metrics as tags. The model's artifact is the whole export folder: a KNN program's pool.jsonl with it."""
     name = f"chainopt-{manifest['experiment']}-{manifest['program']['name']}".replace(".", "-")
     with mlflow.start_run(run_id=manifest["run_id"]):
         logged = mlflow.pyfunc.log_model(name="program", python_model=str(serving),
