@@ -78,6 +78,25 @@ def export_run(run_id: str, out: Path, *, register: bool = True, uri: str | None
     return manifest
 
 
+def pick_run(run: str, experiment: str | None = None) -> tuple[str, str | None]:
+    """The run `chainopt export` means, and its store: `best` of the experiment (file or name; the report's
+    rule, optimize.report.best_run), or a run id or a unique start of one (compare shows the ids). A given
+    experiment's [tracking] store is searched; otherwise the default one."""
+    from optimize.report import best_run, resolve
+
+    name, uri = resolve(experiment) if experiment else (None, None)
+    if run != "best":
+        return tracking.run_by_prefix(run, uri), uri
+    if name is None:
+        raise ChainoptError("`export best` needs the experiment: chainopt export best --experiment FILE.toml --out DIR")
+    experiment_id, parent = tracking.runs_of(name, uri)
+    best = best_run(tracking.child_rows(experiment_id, parent.info.run_id))
+    if best is None:
+        raise ChainoptError(f"experiment {name!r} has no scored LLM run to export (baselines and FAILED runs are "
+                            "never exported)")
+    return best["run_id"], uri
+
+
 def unchanged_digest(trial: Trial, recorded: str | None, run_id: str) -> str:
     """The data's content hash now, which must be the one the run recorded: the export writes its slice (and
     a KNN pool) from the data as it is now, and names it in the manifest as the data the run measured."""
