@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 import pytest
 from dspy.utils.dummies import DummyLM
@@ -121,7 +120,8 @@ def test_a_changed_data_file_is_not_exported_as_the_runs(store, tmp_path, capsys
     run_id = store["runs"]["apple"].info.run_id
     before = store["data"].read_bytes()
     try:
-        store["data"].write_bytes(before + json.dumps({"id": "new", "text": "fig fig", "label": "fig"}).encode() + b"\n")
+        extra = json.dumps({"id": "new", "text": "fig fig", "label": "fig"}) + "\n"
+        store["data"].write_bytes(before + extra.encode())
         assert main(["export", run_id, "--out", str(tmp_path / "changed"), "--no-register"]) == 2
     finally:
         store["data"].write_bytes(before)
