@@ -32,7 +32,7 @@ EXAMPLES = {
     "compare": "chainopt compare experiments/banking77-fewshot.toml",
     "ui": "chainopt ui --port 5000",
     "report": "chainopt report experiments/banking77-fewshot.toml  # writes reports/banking77-fewshot.html",
-    "export": "chainopt export 3f2a9c... --out exports/banking77-best",
+    "export": "chainopt export best --experiment experiments/banking77-fewshot.toml --out exports/banking77-best",
     "bench": "chainopt bench --workload banking77 --n 200 --stock-limit 20",
     "predict": "chainopt predict exports/banking77-best --input queries.jsonl --output answers.jsonl",
 }
@@ -183,17 +183,19 @@ def cmd_compare(args, out: Output) -> int:
     if any(r["baseline"] for r in rows):
         text += "\nbaseline.*: a classical TF-IDF classifier on the same training split, no LM (0 tokens)"
     out.result(text + "\n* Pareto-optimal: no other run is both more accurate and cheaper per success."
-               "\nExport one with: chainopt export RUN_ID --out FOLDER",
+               "\nExport one with: chainopt export RUN_ID --out FOLDER (the first 8 characters of its id will do), "
+               f"or the best with: chainopt export best --experiment {args.experiment} --out FOLDER",
                [{k: v for k, v in r.items()} for r in rows])
     return 0
 
 
 def cmd_export(args, out: Output) -> int:
-    from optimize.export import export_run
+    from optimize.export import export_run, pick_run
 
-    manifest = export_run(args.run_id, Path(args.out), register=not args.no_register)
+    run_id, uri = pick_run(args.run, args.experiment)
+    manifest = export_run(run_id, Path(args.out), register=not args.no_register, uri=uri)
     reg = manifest.get("registered")
-    out.result(f"exported run {args.run_id} to {args.out}: {manifest['program']['name']} on {manifest['model']['name']}, "
+    out.result(f"exported run {run_id} to {args.out}: {manifest['program']['name']} on {manifest['model']['name']}, "
                f"accuracy {fmt(manifest['metrics'].get('accuracy'))}"
                + (f"\nregistered as MLflow model {reg['name']} version {reg['version']}" if reg else "")
                + f"\nrun it with: chainopt predict {args.out} --input in.jsonl --output out.jsonl", manifest)
@@ -299,7 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("experiment", help="experiment TOML file or experiment name")
     p.add_argument("--unit", default="seconds", choices=["tokens", "seconds", "joules", "usd"])
     p = add("export", cmd_export, "export a finished run's compiled program with its manifest and register it")
-    p.add_argument("run_id", help="MLflow run id of a child run (see chainopt compare)")
+    p.add_argument("run", metavar="RUN", help="a child run's id or a unique start of it (see chainopt compare), "
+                   "or `best`: the experiment's most accurate LLM run, the cheapest per success among equals")
+    p.add_argument("--experiment", help="experiment TOML file or name: whose best run (and whose [tracking] store "
+                   "holds the run)")
     p.add_argument("--out", required=True, help="folder to write (must not exist or be empty)")
     p.add_argument("--no-register", action="store_true", help="skip the MLflow model registry")
     p = add("bench", cmd_bench, "measure the stock DSPy + llama.cpp paths against chainopt's engines, side by side")

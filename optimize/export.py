@@ -1,9 +1,11 @@
 """Export a compiled program to use elsewhere, and run an exported program on new inputs.
 
 An export is a folder: `program.json` (DSPy's JSON state, never a pickle), `manifest.json` (program,
-task, model identity, data slice, measured metrics, versions) and `eval.jsonl` (the exact slice it was
-scored on, so `chainopt predict` can show the accuracy is reproduced). It is also registered in the
-MLflow model registry as a pyfunc model built from code (optimize/serving.py), with the metrics as tags.
+task, model identity, the data read and its content hash, measured metrics, versions), `eval.jsonl` (the
+exact slice it was scored on, so `chainopt predict` can show the accuracy is reproduced) and, for a
+`knn_fewshot` program, `pool.jsonl` (the training pool its demos are retrieved from): loading it never
+reads the dataset. It is also registered in the MLflow model registry as a pyfunc model built from code
+(optimize/serving.py) carrying the whole folder, with the metrics as tags.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,13 +22,15 @@ import dspy
 
 from optimize import tracking
 from optimize.config import ModelConfig, Trial
-from optimize.data import Row, Task, load_splits
+from optimize.data import Row, Task, data_digest, load_splits
 from optimize.errors import ChainoptError, DataError, ModelError
 from optimize.llm.models import describe
 
 MANIFEST = "manifest.json"
 PROGRAM = "program.json"
 EVAL_SLICE = "eval.jsonl"
+POOL = "pool.jsonl"  # a KNN program's training pool, written by export, read back by load
+FILE_KEYS = ("path", "train_path", "test_path")  # where a user's data comes from (optimize.config.DataConfig)
 REPORTED = ("accuracy", "successes", "n", "tokens_per_success", "seconds_per_success", "joules_per_success",
             "usd_per_success", "latency_p50", "latency_p95")
 
@@ -45,18 +50,19 @@ def export_run(run_id: str, out: Path, *, register: bool = True, uri: str | None
         trial = Trial.model_validate_json((staging / "trial.json").read_text())
         task = json.loads((staging / "task.json").read_text())
         info = describe(trial.model.spec)
+        digest = unchanged_digest(trial, run.data.params.get("data.digest"), run_id)
         splits = load_splits(trial.data)
         examples = getattr(splits, trial.eval.split)
-        with (staging / EVAL_SLICE).open("w") as handle:
-            for example in examples:
-                handle.write(json.dumps(dict(example)) + "\n")
+        write_jsonl(staging / EVAL_SLICE, examples)
+        if trial.optimizer.name == "knn_fewshot":
+            write_jsonl(staging / POOL, splits.train)  # the pool its demos are retrieved from (trial.run_trial)
         manifest = {
             "program": trial.program.model_dump(), "task": task, "model": {**trial.model.model_dump(),
                                                                           "name": info.name, "sha256": info.sha256,
                                                                           "quantization": info.quantization,
                                                                           "size_bytes": info.size_bytes},
             "optimizer": trial.optimizer.model_dump(exclude={"teacher"}),
-            "data": data_section(trial, len(examples)),
+            "data": data_section(trial, len(examples), digest=digest, given=given_paths(tracking.experiment_file(run))),
             "metrics": {k: v for k, v in tracking.read_metrics(run).items() if k in REPORTED},
             "run_id": run_id, "experiment": trial.experiment, "config_hash": trial.config_hash(),
             "versions": {k: v for k, v in run.data.tags.items() if k.endswith(".version") or k == "git.commit"},
@@ -72,10 +78,68 @@ def export_run(run_id: str, out: Path, *, register: bool = True, uri: str | None
     return manifest
 
 
-def data_section(trial: Trial, examples: int) -> dict[str, Any]:
-    """The manifest's data: the run's DataConfig as is (its `split` is the Hub split the examples came
-    from, which a KNN program's training pool is rebuilt from), the slice scored, and how many examples."""
-    return {**trial.data.model_dump(), "eval_split": trial.eval.split, "examples": examples}
+def pick_run(run: str, experiment: str | None = None) -> tuple[str, str | None]:
+    """The run `chainopt export` means, and its store: `best` of the experiment (file or name; the report's
+    rule, optimize.report.best_run), or a run id or a unique start of one (compare shows the ids). A given
+    experiment's [tracking] store is searched; otherwise the default one."""
+    from optimize.report import best_run, resolve
+
+    name, uri = resolve(experiment) if experiment else (None, None)
+    if run != "best":
+        return tracking.run_by_prefix(run, uri), uri
+    if name is None:
+        raise ChainoptError("`export best` needs the experiment: chainopt export best --experiment FILE.toml --out DIR")
+    experiment_id, parent = tracking.runs_of(name, uri)
+    best = best_run(tracking.child_rows(experiment_id, parent.info.run_id))
+    if best is None:
+        raise ChainoptError(f"experiment {name!r} has no scored LLM run to export (baselines and FAILED runs are "
+                            "never exported)")
+    return best["run_id"], uri
+
+
+def unchanged_digest(trial: Trial, recorded: str | None, run_id: str) -> str:
+    """The data's content hash now, which must be the one the run recorded: the export writes its slice (and
+    a KNN pool) from the data as it is now, and names it in the manifest as the data the run measured."""
+    digest = data_digest(trial.data)
+    if recorded and recorded != digest:
+        where = ", ".join(trial.data.files()) or f"dataset {trial.data.dataset}"
+        raise DataError(f"{where} changed since run {run_id} (content hash {recorded[:12]}… then, {digest[:12]}… "
+                        "now): the export would carry other data than the run was measured on")
+    return digest
+
+
+def write_jsonl(path: Path, examples: list[dspy.Example]) -> None:
+    with path.open("w", encoding="utf-8") as handle:
+        for example in examples:
+            handle.write(json.dumps(dict(example)) + "\n")
+
+
+def given_paths(experiment_file: str | None) -> dict[str, str]:
+    """The data paths as the experiment file wrote them (the run records them resolved against its folder)."""
+    if experiment_file is None:
+        return {}
+    data = tomllib.loads(experiment_file).get("data", {})
+    return {key: data[key] for key in FILE_KEYS if isinstance(data.get(key), str)}
+
+
+def data_section(trial: Trial, examples: int, *, digest: str, given: dict[str, str] | None = None) -> dict[str, Any]:
+    """The manifest's data, naming what was actually read: a named dataset by its name, a user's file by its
+    path as given and as resolved; either with its content hash (optimize.data.data_digest; for a Hub
+    dataset its name and split). Then the sizes, seed and column mapping (predict reads new files by
+    it), the slice scored and how many examples it had."""
+    cfg = trial.data
+    if cfg.files():
+        source: dict[str, Any] = {}
+        for key in FILE_KEYS:
+            if value := getattr(cfg, key):
+                source[key] = (given or {}).get(key, value)
+                if not value.startswith("hf:"):
+                    source[f"{key}_resolved"] = value
+        rest = cfg.model_dump(exclude={"dataset", *FILE_KEYS})
+    else:
+        source = {"dataset": cfg.dataset}
+        rest = cfg.model_dump(include={"train", "compile_train", "dev", "test", "seed"})
+    return {**source, "digest": digest, **rest, "eval_split": trial.eval.split, "examples": examples}
 
 
 @dataclass
@@ -111,21 +175,24 @@ def load_export(folder: Path, *, model_spec: str | None = None, force: bool = Fa
     program = build_program(spec, task, manifest["program"]["settings"])
     program.load(str(folder / PROGRAM))
     if manifest["optimizer"]["name"] == "knn_fewshot":
-        program = _rebuild_knn(program, task, manifest, spec.metric(task))
+        program = _rebuild_knn(program, task, manifest, spec.metric(task), folder)
     return Exported(program, task, model_cfg, manifest)
 
 
-def _rebuild_knn(program: dspy.Module, task: Task, manifest: dict[str, Any], metric) -> dspy.Module:
+def _rebuild_knn(program: dspy.Module, task: Task, manifest: dict[str, Any], metric, folder: Path) -> dspy.Module:
     """KNNFewShot picks demos per input at call time, so its state is the training pool, not a JSON field:
-    rebuild the retriever from the same (vendored, seeded) training split."""
-    from optimize.config import DataConfig
+    rebuild the retriever from the pool the export carries (the dataset may be nowhere near)."""
     from optimize.optimizers import CompileInputs, compile_program, get_optimizer, resolve_settings
 
-    data = DataConfig.model_validate({k: v for k, v in manifest["data"].items() if k in DataConfig.model_fields})
-    train = load_splits(data).train
+    try:
+        lines = (folder / POOL).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        raise ChainoptError(f"{folder} has no {POOL}, the training pool its KNN demos come from: it was exported "
+                            "before exports carried it; export the run again") from None
+    pool = [dspy.Example(**json.loads(line)).with_inputs(*task.input_fields) for line in lines if line.strip()]
     opt = get_optimizer("knn_fewshot")
     settings = resolve_settings(opt, manifest["optimizer"]["settings"])
-    ctx = CompileInputs(metric=metric, trainset=train, valset=[], teacher_lm=None, seed=0, threads=1,
+    ctx = CompileInputs(metric=metric, trainset=pool, valset=[], teacher_lm=None, seed=0, threads=1,
                         input_fields=task.input_fields)
     return compile_program(opt, dict(settings), program, ctx)[0]
 

@@ -240,9 +240,40 @@ def finished_trial(run_id: str, uri: str | None = None) -> Run:
     return run
 
 
+def run_by_prefix(prefix: str, uri: str | None = None) -> str:
+    """The id of the one run whose id starts with `prefix`, so a few characters of compare's run id column
+    will do; ChainoptError in one line listing the candidates when none or several start so."""
+    mlflow.set_tracking_uri(tracking_uri(uri))
+    prefix = prefix.lower()
+    if not prefix or any(c not in "0123456789abcdef" for c in prefix):
+        raise ChainoptError(f"{prefix!r} is not a run id: a run id, or the start of one, is hexadecimal "
+                            "(see chainopt compare)")
+    found = mlflow.search_runs(search_all_experiments=True, output_format="list", max_results=10,
+                               filter_string=f"attributes.run_id LIKE '{prefix}%'")
+    if len(found) == 1:
+        return found[0].info.run_id
+    shown = lambda runs: ", ".join(f"{r.info.run_id[:max(8, len(prefix) + 2)]} ({r.info.run_name})" for r in runs)
+    if found:
+        raise ChainoptError(f"run id {prefix!r} is ambiguous: it starts {shown(found)}; give more of it")
+    latest = mlflow.search_runs(search_all_experiments=True, output_format="list", max_results=5,
+                                filter_string=f"tags.`{TAG_KIND}` = 'child'", order_by=["attributes.start_time DESC"])
+    raise ChainoptError(f"no run id starts with {prefix!r} in {mlflow.get_tracking_uri()}"
+                        + (f"; latest trials: {shown(latest)}" if latest else ""))
+
+
+def experiment_file(run: Run) -> str | None:
+    """The experiment file a child run's parent was started from (logged under config/), or None (a run
+    started from Python)."""
+    parent = run.data.tags.get("mlflow.parentRunId")
+    logged = [f.path for f in MlflowClient().list_artifacts(parent, "config") if f.path.endswith(".toml")] \
+        if parent else []
+    local = download(parent, logged[0]) if logged else None
+    return local.read_text(encoding="utf-8") if local else None
+
+
 def register_export(folder: Path, manifest: dict[str, Any], serving: Path) -> dict[str, str]:
     """Log an export as a pyfunc model (from code, no pickle) in its run and register a model version,
-    its metrics as tags."""
+    its metrics as tags. The model's artifact is the whole export folder: a KNN program's pool.jsonl with it."""
     name = f"chainopt-{manifest['experiment']}-{manifest['program']['name']}".replace(".", "-")
     with mlflow.start_run(run_id=manifest["run_id"]):
         logged = mlflow.pyfunc.log_model(name="program", python_model=str(serving),

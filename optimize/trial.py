@@ -160,6 +160,7 @@ def run_trial(trial: Trial, splits: Splits, progress: Progress = lambda s: None,
         teacher = build_lm(trial.optimizer.teacher) if trial.optimizer.teacher else lm
     info = describe(model_cfg.spec)
     params = {**trial.flat_params(), **info.as_params(), "config_hash": identity(trial),
+              "data.digest": data_digest(trial.data),  # the data measured on: export checks it is unchanged
               **{f"optimizer.resolved.{k}": v for k, v in opt_settings.items()},
               **{f"program.resolved.{k}": v for k, v in settings.items()},
               "data.task": splits.task.name, "data.train_size": len(splits.train),

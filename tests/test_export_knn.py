@@ -2,9 +2,11 @@
 
 One tiny real run (tests/data/knn.toml: knn_fewshot, k = 2, TF-IDF) is exported and registered once for
 the module. KNNFewShot chooses its demos per input at call time, so its saved state holds no demos: the
-export must rebuild the retriever from the training split when it is loaded.
+export carries the training pool (pool.jsonl) and rebuilds the retriever from it when it is loaded, with
+no dataset in reach.
 """
 
+import functools
 import json
 import os
 import subprocess
@@ -14,7 +16,9 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
+import optimize.data
 from optimize.cli import main
+from optimize.config import DataConfig
 
 pytestmark = pytest.mark.model
 
@@ -69,25 +73,52 @@ def test_predict_reproduces_the_knn_runs_answers_and_prompts(exported):
     assert min(a["tokens"] for a in answers) > 800
 
 
+def test_the_export_predicts_from_another_folder_with_no_dataset(exported, tmp_path, monkeypatch):
+    """Fails if loading the export reads the dataset (the vendored folder is empty here, and the loaded
+    rows are forgotten), if the pool it carries is not the run's whole training split, or if the retriever
+    rebuilt from it picks other demos (other answers or token counts than the export's own predict)."""
+    pool = [json.loads(line) for line in (exported["out"] / "pool.jsonl").read_text().splitlines()]
+    assert len(pool) == 20 and all(row["query"] and row["intent"] for row in pool)
+    monkeypatch.setattr(optimize.data, "DATA_DIR", tmp_path / "no-datasets")
+    monkeypatch.setattr(optimize.data, "_raw", functools.lru_cache(optimize.data._raw.__wrapped__))
+    monkeypatch.setattr(optimize.data, "_labels", functools.lru_cache(optimize.data._labels.__wrapped__))
+    monkeypatch.chdir(tmp_path)
+    assert main(["predict", str(exported["out"]), "--output", "answers.jsonl", "--quiet"]) == 0
+    answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert [(a["intent"], a["tokens"]) for a in answers] == [(a["intent"], a["tokens"]) for a in exported["answers"]]
+
+
+def test_the_manifest_names_the_dataset_and_its_content_hash(exported):
+    """Fails if the manifest gives no digest of the data, or another than the run recorded and the data has."""
+    data = exported["manifest"]["data"]
+    assert data["dataset"] == "banking77" and "path" not in data
+    digest = optimize.data.data_digest(DataConfig(dataset="banking77"))
+    assert data["digest"] == exported["run"].data.params["data.digest"] == digest
+
+
 SERVE = """
-import json, sys
+import json, pathlib, sys
 import mlflow, pandas
+import optimize.data
+optimize.data.DATA_DIR = pathlib.Path(sys.argv[3])  # no dataset: the model carries its KNN pool
 model = mlflow.pyfunc.load_model(sys.argv[1])
 answers = model.predict(pandas.DataFrame({"query": json.loads(sys.argv[2])}))
 print("ANSWERS " + json.dumps(list(answers)))
 """
 
 
-def test_the_registered_model_loads_and_answers_in_a_fresh_process(exported, root):
+def test_the_registered_model_loads_and_answers_in_a_fresh_process(exported, root, tmp_path):
     """`mlflow.pyfunc.load_model("models:/<name>/<version>")` in a new Python process (only the tracking
-    store and caches in common) answers the same labels as `chainopt predict`. Fails if the registered
-    model cannot be loaded from the store (missing code or artifacts, a pickle), if it needs state of the
-    process that exported it, or if it answers differently (another model, no KNN demos)."""
+    store and caches in common), in another folder and with no dataset in reach, answers the same labels as
+    `chainopt predict`. Fails if the registered model cannot be loaded from the store (missing code or
+    artifacts, a pickle, no KNN pool), if it needs state of the process that exported it, or if it answers
+    differently (another model, no KNN demos)."""
     reg = exported["manifest"]["registered"]
     queries = [a["query"] for a in exported["answers"]]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": exported["uri"]}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": exported["uri"], "PYTHONPATH": str(root)}
     done = subprocess.run([sys.executable, "-c", SERVE, f"models:/{reg['name']}/{reg['version']}",
-                           json.dumps(queries)], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+                           json.dumps(queries), str(tmp_path / "no-datasets")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     line = next(line for line in done.stdout.splitlines() if line.startswith("ANSWERS "))
     served = json.loads(line.removeprefix("ANSWERS "))
