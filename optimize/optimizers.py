@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import dspy
 import numpy as np
+from dspy.teleprompt import Teleprompter
 
 from optimize.errors import ConfigError
 from optimize.registry import Registry
@@ -30,7 +31,7 @@ class CompileInputs:
     input_fields: tuple[str, ...]
 
 
-class SettingsSearch(dspy.Teleprompter):
+class SettingsSearch(Teleprompter):
     """Searches a program's own settings (k, candidates, agree, ...: its `Tunable` values), which no DSPy
     optimizer reaches, with Optuna on the validation set (the training set when there is none): every
     combination of `space` when there are at most `trials` of them, else `trials` TPE draws. The best

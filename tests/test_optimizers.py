@@ -55,7 +55,8 @@ class Oracle:
     def complete(self, request):
         schema = (request.config.response_format or {}).get("schema") or {}
         users = [m.text or "" for m in request.messages if m.role == "user"]
-        queries = [u.removeprefix(QUERY) for u in users if u.startswith(QUERY)]
+        # A query whose choices are narrowed for this call has them after it (intent.retrieve).
+        queries = [u.removeprefix(QUERY).split("\n\nChoices for `intent`:")[0] for u in users if u.startswith(QUERY)]
         system = request.system if isinstance(request.system, str) else "".join(p.text for p in request.system or [])
         if "intent" in schema.get("properties", {}) and queries and queries[-1] in self.gold:
             call = {"query": queries[-1], "demos": queries[:-1], "system": system}
@@ -117,7 +118,7 @@ def scores(steps: list[dict]) -> list[float]:
 
 
 COVERED = {"none", "labeled_fewshot", "bootstrap_fewshot", "bootstrap_random_search", "knn_fewshot", "copro",
-           "mipro_v2", "simba", "gepa"}
+           "mipro_v2", "simba", "gepa", "settings_search"}
 
 
 def test_every_registered_optimizer_has_a_test_here():
@@ -288,3 +289,51 @@ def test_two_tfidf_embedders_never_share_cached_vectors():
     query = ["has my card arrived"]
     assert tfidf_embedder(large, ("query",))(query).shape[1] != tfidf_embedder(small, ("query",))(query).shape[1]
     assert np.any(tfidf_embedder(large, ("query",))(query))
+
+
+def search_retrieve(space, splits, task: Oracle):
+    """settings_search over intent.retrieve whose pool holds the dev rows: 1-NN alone answers them right."""
+    from optimize import cost
+    from programs.retrieval import fill_retrievers
+
+    spec, opt = get_program("intent.retrieve"), get_optimizer("settings_search")
+    student = spec.build(splits.task, k=2)
+    fill_retrievers(student, splits.train + splits.dev)
+    ctx = CompileInputs(metric=spec.metric(splits.task), trainset=splits.train, valset=splits.dev,
+                        teacher_lm=lm_of(task, "teacher"), seed=0, threads=2, input_fields=splits.task.input_fields)
+    settings = resolve_settings(opt, {"space": space})
+    with dspy.context(lm=lm_of(task, "task"), adapter=adapter()):
+        return compile_program(opt, dict(settings), student, ctx)
+
+
+class MeteredOracle(Oracle):
+    def complete(self, request):
+        from optimize import cost
+
+        cost.record(cost.Usage(calls=1, input_computed=100, output=5))
+        return super().complete(request)
+
+
+def test_settings_search_keeps_the_setting_that_scores_best(splits, gold):
+    """A model that is always wrong: answering from agreeing neighbours (agree = 1) must win over asking it."""
+    task = MeteredOracle(gold, knows=lambda call: False)
+    compiled, teleprompter = search_retrieve({"agree": [0, 1]}, splits, task)
+    assert compiled.settings["agree"] == 1 and compiled.settings["k"] == 2
+    assert sorted(scores(trajectory(compiled, teleprompter))) == [0.0, 1.0]
+
+
+def test_settings_search_breaks_a_tie_by_fewer_tokens(splits, gold):
+    """A model that is always right: both settings score 1.0; the one that makes no LM call wins."""
+    task = MeteredOracle(gold)
+    compiled, teleprompter = search_retrieve({"agree": [0, 1]}, splits, task)
+    assert compiled.settings["agree"] == 1
+    by_setting = {c["settings"]["agree"]: c for c in teleprompter.candidate_programs}
+    assert by_setting[0]["score"] == by_setting[1]["score"] == 1.0
+    assert by_setting[0]["tokens_per_example"] > by_setting[1]["tokens_per_example"] == 0
+
+
+def test_settings_search_refuses_a_setting_the_program_lacks(splits, gold):
+    with pytest.raises(ConfigError, match="has no setting kk; it has: k, candidates"):
+        search_retrieve({"kk": [1, 2]}, splits, Oracle(gold))
+    with pytest.raises(ConfigError, match="has no settings to search"):
+        compile_with("settings_search", {}, splits, Oracle(gold))
