@@ -26,7 +26,7 @@ from optimize.llm.models import describe
 MANIFEST = "manifest.json"
 PROGRAM = "program.json"
 EVAL_SLICE = "eval.jsonl"
-REPORTED = ("accuracy", "successes", "n", "tokens_per_success", "seconds_per_success", "joules_per_success",
+REPORTED = ("accuracy", "f1", "successes", "n", "tokens_per_success", "seconds_per_success", "joules_per_success",
             "usd_per_success", "latency_p50", "latency_p95")
 
 
@@ -171,7 +171,7 @@ def predict_file(folder: Path, input_path: Path, output_path: Path, *, model_spe
                  force: bool = False, threads: int = 8) -> dict[str, Any]:
     """Run an exported program over a JSONL file; write one JSON line per input with its answer and record."""
     from optimize.llm.engine import build_lm
-    from optimize.trial import get_program, score
+    from optimize.trial import get_program, mean_score, score
 
     exported = load_export(folder, model_spec=model_spec, force=force)
     rows, examples = read_inputs(input_path, exported.task, input_columns(exported.manifest["data"], exported.task))
@@ -193,4 +193,6 @@ def predict_file(folder: Path, input_path: Path, output_path: Path, *, model_spe
                "exported_accuracy": exported.manifest["metrics"].get("accuracy")}
     if graded:
         summary["accuracy"] = sum(r.success for r in graded) / len(graded)
+    if graded and exported.task.kind == "multilabel":  # accuracy above is exact-set accuracy
+        summary.update(f1=mean_score(graded), exported_f1=exported.manifest["metrics"].get("f1"))
     return summary
