@@ -197,6 +197,7 @@ def cmd_export(args, out: Output) -> int:
     reg = manifest.get("registered")
     out.result(f"exported run {run_id} to {args.out}: {manifest['program']['name']} on {manifest['model']['name']}, "
                f"accuracy {fmt(manifest['metrics'].get('accuracy'))}"
+               + (f", f1 {fmt(manifest['metrics']['f1'])}" if "f1" in manifest["metrics"] else "")
                + (f"\nregistered as MLflow model {reg['name']} version {reg['version']}" if reg else "")
                + f"\nrun it with: chainopt predict {args.out} --input in.jsonl --output out.jsonl", manifest)
     return 0
@@ -211,6 +212,8 @@ def cmd_predict(args, out: Output) -> int:
     text = f"wrote {summary['n']} answers to {summary['output']}"
     if "accuracy" in summary:
         text += f"; accuracy {fmt(summary['accuracy'])} (exported run measured {fmt(summary['exported_accuracy'])})"
+    if "f1" in summary:
+        text += f"; f1 {fmt(summary['f1'])} (exported run measured {fmt(summary['exported_f1'])})"
     out.result(text, summary)
     return 0
 

@@ -42,7 +42,9 @@ class DataConfig(Section):
     split: str | None = Field(None, description="Hub split to read, e.g. 'train'")
     inputs: dict[str, str] | None = Field(None, description="program input name -> column in the file")
     answer: str | None = Field(None, description="column holding the gold answer")
-    task: Literal["intent", "math", "qa"] | None = None
+    task: Literal["intent", "multilabel", "math", "qa"] | None = Field(
+        None, description="multilabel: the answer column holds a list of labels per row (found by itself when "
+        "task is not set and the answer column holds lists)")
     skip_malformed: bool = False
     # Splits a user made: a column naming each row's split, or separate train and test files (instead of path).
     split_column: str | None = Field(None, description="column whose value puts a row in train, dev or test")

@@ -32,11 +32,12 @@ from optimize.registry import Registry, did_you_mean
 DATA_DIR = Path(__file__).resolve().parent.parent / "datasets"
 
 Row = dict[str, Any]
-TaskKind = Literal["intent", "math", "qa"]
+TaskKind = Literal["intent", "multilabel", "math", "qa"]
 
 # Canonical (input, answer) field names per task kind, so programs of one kind work on any of its data.
-FIELDS: dict[str, tuple[str, str]] = {"intent": ("query", "intent"), "math": ("question", "answer"),
-                                      "qa": ("question", "answer")}
+FIELDS: dict[str, tuple[str, str]] = {"intent": ("query", "intent"), "multilabel": ("query", "intents"),
+                                      "math": ("question", "answer"), "qa": ("question", "answer")}
+LABELLED = ("intent", "multilabel")  # task kinds with a closed label set, the union of the answers
 
 # SVAMP ships as one file: its test part is fixed once, with this seed, never with the run's seed.
 SVAMP_CARVE_SEED = 2021
@@ -44,7 +45,8 @@ SVAMP_CARVE_SEED = 2021
 
 @dataclass(frozen=True)
 class Task:
-    """What a program needs to know about its data: the field names and, for intent, the closed label set."""
+    """What a program needs to know about its data: the field names and, for intent and multilabel, the closed
+    label set (a multilabel example's answer is a list of labels from it)."""
 
     name: str
     kind: TaskKind
@@ -321,6 +323,18 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+def _label_list(value: Any) -> list[str]:
+    """A multilabel answer as a list of distinct labels in order: a list as is, a CSV cell holding a JSON
+    list read as one, any other text as a single label."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            pass
+    values = value if isinstance(value, list) else [value]
+    return list(dict.fromkeys(_text(v).strip() for v in values if v is not None and _text(v).strip()))
+
+
 def _read_file(path: Path, skip: bool) -> tuple[list[Row], list[str], int]:
     """Rows of a local .jsonl/.csv/.parquet file with a position label each, and the count of dropped records."""
     if path.suffix not in (".jsonl", ".csv", ".parquet"):
@@ -409,11 +423,14 @@ def _records(source: str, cfg: DataConfig) -> tuple[list[tuple[str, Row]], int, 
     listed = [where for where, row in zip(positions, rows) if isinstance(row.get(answer_column), list)]
     if cfg.task == "intent" and listed:  # each list would otherwise become one label, its JSON text
         raise DataError(f"{source}: column {answer_column!r} holds lists ({len(listed)} rows, first at {listed[0]}), "
-                        f"but an intent task takes one label per row; set data.answer to a column of single labels")
+                        f"but an intent task takes one label per row; for a set of labels per row set "
+                        f'data.task = "multilabel", or set data.answer to a column of single labels')
+    multilabel = cfg.task == "multilabel"
 
     records, seen = [], {}
     for where, row in zip(positions, rows):
-        empty = [c for c in required if row.get(c) is None or not _text(row[c]).strip()]
+        empty = [c for c in required if row.get(c) is None or not _text(row[c]).strip()
+                 or (multilabel and c == answer_column and not _label_list(row[c]))]
         problem = f"field {empty[0]!r} is missing or empty" if empty else None
         ident = _text(row["id"]) if "id" in present and row.get("id") is not None else f"{name}-{where.split()[-1]}"
         if problem is None and ident in seen:
@@ -426,7 +443,7 @@ def _records(source: str, cfg: DataConfig) -> tuple[list[tuple[str, Row]], int, 
         seen[ident] = where
         records.append((_text(row[cfg.split_column]) if cfg.split_column else "",
                         {"id": ident, **{k: _text(row[c]) for k, c in inputs.items()},
-                         answer_name: _text(row[answer_column])}))
+                         answer_name: _label_list(row[answer_column]) if multilabel else _text(row[answer_column])}))
     if not records:
         raise DataError(f"{source}: no usable rows ({skipped} malformed skipped)")
     return records, skipped, name
@@ -447,9 +464,21 @@ def _by_split_value(records: list[tuple[str, Row]], cfg: DataConfig) -> dict[str
     return parts
 
 
+def detect_task(cfg: DataConfig) -> DataConfig:
+    """`cfg` with data.task = "multilabel" when it names none and its answer column (data.answer, else
+    `intents`) holds lists; DataError when it names none and the data does not say."""
+    if cfg.task is not None:
+        return cfg
+    column = cfg.answer or FIELDS["multilabel"][1]
+    rows = _read_source(cfg.path or cfg.train_path or "", cfg)[0]
+    if any(isinstance(row.get(column), list) for row in rows):
+        return cfg.model_copy(update={"task": "multilabel"})
+    raise DataError(f"data.path needs data.task: one of {', '.join(FIELDS)} (multilabel is found by itself "
+                    f"when the answer column holds lists)")
+
+
 def _load_user(cfg: DataConfig) -> Splits:
-    if cfg.task is None:
-        raise DataError("data.path needs data.task: one of intent, math, qa")
+    cfg = detect_task(cfg)
     parts: dict[str, list[Row]] | None = None  # the user's own splits, when there are some
     if cfg.train_path and cfg.test_path:  # separate files; dev is carved from train
         (train_rows, train_skipped, name), (test_rows, test_skipped, _) = (_records(cfg.train_path, cfg),
@@ -465,7 +494,10 @@ def _load_user(cfg: DataConfig) -> Splits:
     rows = [r for _, r in records] if parts is None else [r for part in parts.values() for r in part]
 
     answer_name = FIELDS[cfg.task][1]
-    labels = tuple(sorted({r[answer_name] for r in rows})) if cfg.task == "intent" else None
+    labels = None
+    if cfg.task in LABELLED:  # the union of the answers: a multilabel answer is a list of them
+        labels = tuple(sorted({label for r in rows for label in
+                               (r[answer_name] if cfg.task == "multilabel" else [r[answer_name]])}))
     task = Task(name, cfg.task, tuple(cfg.inputs or (FIELDS[cfg.task][0],)), answer_name, labels)
     if parts is None:  # one pool: test is carved off first, then train and dev, all by the seed
         _check_size({"train": cfg.train, "dev": cfg.dev, "test": cfg.test}, len(rows), cfg.path or "")

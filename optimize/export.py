@@ -31,7 +31,7 @@ PROGRAM = "program.json"
 EVAL_SLICE = "eval.jsonl"
 POOL = "pool.jsonl"  # a KNN program's training pool, written by export, read back by load
 FILE_KEYS = ("path", "train_path", "test_path")  # where a user's data comes from (optimize.config.DataConfig)
-REPORTED = ("accuracy", "successes", "n", "tokens_per_success", "seconds_per_success", "joules_per_success",
+REPORTED = ("accuracy", "f1", "successes", "n", "tokens_per_success", "seconds_per_success", "joules_per_success",
             "usd_per_success", "latency_p50", "latency_p95")
 
 
@@ -238,7 +238,7 @@ def predict_file(folder: Path, input_path: Path, output_path: Path, *, model_spe
                  force: bool = False, threads: int = 8) -> dict[str, Any]:
     """Run an exported program over a JSONL file; write one JSON line per input with its answer and record."""
     from optimize.llm.engine import build_lm
-    from optimize.trial import get_program, score
+    from optimize.trial import get_program, mean_score, score
 
     exported = load_export(folder, model_spec=model_spec, force=force)
     rows, examples = read_inputs(input_path, exported.task, input_columns(exported.manifest["data"], exported.task))
@@ -260,4 +260,6 @@ def predict_file(folder: Path, input_path: Path, output_path: Path, *, model_spe
                "exported_accuracy": exported.manifest["metrics"].get("accuracy")}
     if graded:
         summary["accuracy"] = sum(r.success for r in graded) / len(graded)
+    if graded and exported.task.kind == "multilabel":  # accuracy above is exact-set accuracy
+        summary.update(f1=mean_score(graded), exported_f1=exported.manifest["metrics"].get("f1"))
     return summary

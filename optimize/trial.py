@@ -143,7 +143,15 @@ def score(program: dspy.Module, examples: list[dspy.Example], metric: Callable, 
             EvalProgress(len(examples), label, report=progress, live=live) as bar:
         result = evaluate(program, examples, metric, task.answer_field, threads=threads, chain_tokens=chain_tokens,
                           run_tally=run_tally, on_record=bar.record)
-    return chain_metrics(result.records, result, phase["spend"], price or {}), result
+    metrics = chain_metrics(result.records, result, phase["spend"], price or {})
+    if task.kind == "multilabel":  # the score is per-example F1 (accuracy is exact-set accuracy): its mean
+        metrics["f1"] = mean_score(result.records)
+    return metrics, result
+
+
+def mean_score(records: list[ChainRecord]) -> float:
+    """The mean metric score of the chains, a chain that ended in an error counting 0."""
+    return sum(r.score for r in records) / len(records) if records else 0.0
 
 
 def run_trial(trial: Trial, splits: Splits, progress: Progress = lambda s: None, live: bool | None = None,

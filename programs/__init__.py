@@ -4,10 +4,10 @@ Each program returns a `dspy.Prediction` with the task's answer field and a per-
 `steps` (LM calls), `validator_failures`, `retries` and `trace_notes` (what the validators found).
 """
 
-from programs import intent, math
+from programs import intent, math, multilabel
 from programs.registry import ProgramSpec, TaskLike
 
-PROGRAMS: dict[str, ProgramSpec] = {spec.name: spec for spec in (*intent.SPECS, *math.SPECS)}
+PROGRAMS: dict[str, ProgramSpec] = {spec.name: spec for spec in (*intent.SPECS, *multilabel.SPECS, *math.SPECS)}
 
 
 def list_programs(kind: str | None = None) -> list[ProgramSpec]:

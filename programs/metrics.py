@@ -18,7 +18,7 @@ import dspy
 from programs.validators import normalize_label, parse_number
 
 
-def _feedback(correct: bool, expected: str, got: Any, pred: Any, extra: list[str]) -> str:
+def _feedback(correct: bool, expected: Any, got: Any, pred: Any, extra: list[str]) -> str:
     lines = ["Correct." if correct else f"Wrong: the answer was {got!r}, the correct answer is {expected!r}."]
     lines += extra
     lines += [f"Check: {note}" for note in getattr(pred, "trace_notes", None) or []]
@@ -88,3 +88,37 @@ class LabelMatch:
         if chosen == gold_group:
             return [f"This step chose the right topic group, {gold_group!r}; the label step went wrong."]
         return [f"This step chose topic group {chosen!r}; the correct one is {gold_group!r}."]
+
+
+@dataclass(frozen=True)
+class LabelSetMatch:
+    """Per-example F1 between the predicted and the gold label sets (after `normalize_label`).
+
+    F1 is 1.0 only for the exact set, so a run's accuracy (chains at score 1.0) is exact-set accuracy,
+    and the mean score is its F1. GEPA's feedback names the missing and the extra labels.
+    """
+
+    answer_field: str = "intents"
+
+    def sets(self, gold: Any, pred: Any) -> tuple[set[str], set[str]]:
+        """The gold and predicted label sets, normalised; an answer that is no list is one label."""
+        def keys(value: Any) -> set[str]:
+            items = value if isinstance(value, (list, tuple, set)) else [] if value is None else [value]
+            return {normalize_label(str(item)) for item in items}
+
+        return keys(gold[self.answer_field]), keys(pred.get(self.answer_field))
+
+    def score(self, gold: Any, pred: Any) -> float:
+        expected, got = self.sets(gold, pred)
+        overlap = len(expected & got)
+        return 2 * overlap / (len(expected) + len(got)) if overlap else 0.0
+
+    def __call__(self, gold: Any, pred: Any, trace: Any = None, pred_name: str | None = None, pred_trace: Any = None):
+        score = self.score(gold, pred)
+        if pred_name is None:
+            return score
+        expected, got = self.sets(gold, pred)
+        extra = [f"Missing labels: {', '.join(sorted(expected - got))}."] if expected - got else []
+        extra += [f"Extra labels, not in the answer: {', '.join(sorted(got - expected))}."] if got - expected else []
+        text = _feedback(score == 1.0, sorted(expected), sorted(got), pred, extra)
+        return dspy.Prediction(score=score, feedback=text)

@@ -12,7 +12,7 @@ from dspy.utils.exceptions import AdapterParseError
 
 from programs.contract import ProgramError
 
-TaskKind = Literal["intent", "math", "qa"]
+TaskKind = Literal["intent", "multilabel", "math", "qa"]
 Metric = Callable[..., Any]  # metric(gold, pred, trace=None, pred_name=None, pred_trace=None)
 
 
@@ -41,7 +41,7 @@ class ProgramSpec:
         """A fresh module for `task`; unknown or invalid settings raise ProgramError naming what is allowed."""
         if task.kind != self.kind:
             raise ProgramError(f"program {self.name} is for {self.kind} tasks, but task {task.name} is {task.kind}")
-        if self.kind == "intent" and not task.labels:
+        if self.kind in ("intent", "multilabel") and not task.labels:
             raise ProgramError(f"program {self.name} needs the label set of task {task.name}, which has none")
         unknown = sorted(set(settings) - set(self.settings))
         if unknown:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import json
 import math
 import operator
 import re
@@ -28,10 +29,10 @@ class CalculatorError(ValueError):
 class LabelError(ValueError):
     """A value is not one of the allowed labels; `closest` holds the nearest ones."""
 
-    def __init__(self, value: str, closest: list[str]):
+    def __init__(self, value: str, closest: list[str], reason: str = ""):
         self.value, self.closest = value, closest
         hint = f"closest labels: {', '.join(closest)}" if closest else "no label is close"
-        super().__init__(f"{value!r} is not an allowed label; {hint}")
+        super().__init__(reason or f"{value!r} is not an allowed label; {hint}")
 
 
 # ---------------------------------------------------------------- calculator
@@ -209,6 +210,28 @@ def check_label(value: str, labels: Iterable[str]) -> str:
         return by_key[key]
     closest = difflib.get_close_matches(key, list(by_key), n=3, cutoff=0.5)
     raise LabelError(str(value), [by_key[k] for k in closest])
+
+
+def check_labels(values: object, labels: Iterable[str]) -> list[str]:
+    """The canonical labels a multi-label answer names, distinct, in its order: `values` is a list, or text
+    holding a JSON or Python list (an answer read back unparsed: `"['a', 'b']"`), or one label.
+    `LabelError` for the first value that names no label, or when no label is given at all."""
+    labels = list(labels)
+    if isinstance(values, str) and values.lstrip().startswith("["):
+        values = _list_text(values)
+    items = values if isinstance(values, (list, tuple)) else [values]
+    if not items:
+        raise LabelError("[]", [], "no label was given; give at least one")
+    return list(dict.fromkeys(check_label(str(value), labels) for value in items))
+
+
+def _list_text(text: str) -> object:
+    for read in (json.loads, ast.literal_eval):
+        try:
+            return read(text)
+        except (ValueError, SyntaxError):
+            continue
+    return text
 
 
 # ---------------------------------------------------------------- numbers in text

@@ -27,6 +27,7 @@ def _banking77_labels() -> tuple[str, ...]:
 LABELS = _banking77_labels()
 INTENT = Task("banking77", "intent", ("query",), "intent", LABELS)
 MATH = Task("gsm8k", "math", ("question",), "answer")
+MULTI = Task("mine", "multilabel", ("query",), "intents", LABELS)
 # One scripted answer per LM call, no silent JSONAdapter retry that would eat the next answer.
 ADAPTER = dspy.ChatAdapter(use_json_adapter_fallback=False)
 
@@ -37,13 +38,17 @@ SCRIPTS = {
     "intent.cot": (INTENT, [{"reasoning": "It asks about delivery.", "intent": "card_arrival"}], "card_arrival", 1),
     "intent.chain": (INTENT, [{"group": "card"}, {"intent": "card_arrival"}], "card_arrival", 2),
     "intent.retrieve": (INTENT, [{"intent": "card_arrival"}], "card_arrival", 1),
+    "multilabel.predict": (MULTI, [{"intents": ["card_arrival"]}], ["card_arrival"], 1),
+    "multilabel.retrieve": (MULTI, [{"intents": ["card_arrival"]}], ["card_arrival"], 1),
     "math.predict": (MATH, [{"answer": "72"}], 72, 1),
     "math.cot": (MATH, [{"reasoning": "48 + 24", "answer": "72"}], 72, 1),
     "math.chain": (MATH, [PLAN], 72, 1),
 }
-INPUTS = {"intent": {"query": "Where is my new card?"}, "math": {"question": "Natalia sold 48 clips..."}}
-# The training pool a retrieval step searches (the pipeline fills it with the whole training split).
-POOL = [dspy.Example(query=q, intent=label).with_inputs("query") for q, label in [
+INPUTS = {"intent": {"query": "Where is my new card?"}, "multilabel": {"query": "Where is my new card?"},
+          "math": {"question": "Natalia sold 48 clips..."}}
+# The training pool a retrieval step searches (the pipeline fills it with the whole training split);
+# each example also holds its label as a one-label set, for the multilabel programs.
+POOL = [dspy.Example(query=q, intent=label, intents=[label]).with_inputs("query") for q, label in [
     ("When will my new card arrive?", "card_arrival"), ("My card has not arrived yet", "card_arrival"),
     ("How do I link my new card?", "card_linking"), ("Top up failed again", "top_up_failed"),
     ("Is there a fee for a new card?", "order_physical_card"), ("What is the exchange rate?", "exchange_rate"),
@@ -70,7 +75,7 @@ def test_registry_lists_every_program():
     assert [spec.name for spec in list_programs()] == sorted(SCRIPTS)
     assert [spec.name for spec in list_programs("math")] == ["math.chain", "math.cot", "math.predict"]
     for spec in list_programs():
-        assert spec.description and spec.kind in ("intent", "math")
+        assert spec.description and spec.kind in ("intent", "multilabel", "math")
 
 
 def test_unknown_program_suggests_names():
@@ -104,7 +109,7 @@ def test_program_runs_and_returns_answer_and_record(name):
     assert prediction[task.answer_field] == expected
     assert (prediction.steps, prediction.validator_failures, prediction.retries) == (steps, 0, 0)
     assert isinstance(prediction.trace_notes, list)
-    assert get_program(name).metric(task)(dspy.Example(**{task.answer_field: str(expected)}), prediction) == 1.0
+    assert get_program(name).metric(task)(dspy.Example(**{task.answer_field: expected}), prediction) == 1.0
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
