@@ -3,6 +3,7 @@ answer a validated set of labels, the metric is per-example F1 (exact-set accura
 exports and predicts again. The data is built from Banking77 by tests/multilabel_data.py."""
 
 import json
+from pathlib import Path
 from typing import Literal
 
 import dspy
@@ -261,3 +262,15 @@ def test_a_run_reports_f1_and_exact_set_accuracy_and_exports(tmp_path, mlflow_st
     # predictions.json writes an answer as text, "" for none (a set the checks rejected twice)
     assert ["" if a["intents"] is None else str(a["intents"]) for a in predicted] == [r["predicted"] for r in recorded]
     assert all(set(a["intents"] or []) <= set(manifest["task"]["intents"]) for a in predicted)
+
+
+def test_the_vendored_multilabel_file_is_what_its_script_makes(tmp_path):
+    """Fails if datasets/banking77-multilabel/ drifts from tests/multilabel_data.py (its card says how it is made)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    made = tmp_path / "made.jsonl"
+    subprocess.run([sys.executable, str(root / "tests" / "multilabel_data.py"), str(made), "--train", "2000",
+                    "--test", "100"], check=True, capture_output=True)
+    assert made.read_bytes() == (root / "datasets" / "banking77-multilabel" / "banking77_multilabel.jsonl").read_bytes()
