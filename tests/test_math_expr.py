@@ -192,3 +192,15 @@ def test_on_the_embedded_model_answers_are_expressions_over_the_problems_numbers
             numbers = set(problem_numbers(example.question))
             assert set(re.findall(r"\d+(?:\.\d+)?", prediction.expression)) <= numbers, prediction.expression
             assert prediction.parse_failures == 0 and prediction.validator_failures == 0
+
+
+def test_a_plan_longer_than_max_steps_is_a_recorded_failure(tmp_path):
+    # Without a grammar (ChatAdapter) a long plan reaches the check; the cap survives save and load.
+    built = get_program("math.chain").build(TASK, max_steps=2, max_retries=0)
+    path = tmp_path / "program.json"
+    built.save(str(path))
+    built.load(str(path))
+    assert built.plan.signature.output_fields["steps"].json_schema_extra["output_schema"]["maxItems"] == 2
+    plan = {"steps": [{"question": "q", "expression": "8 + 2"}] * 3}
+    prediction, _ = ask(built, [plan], adapter=dspy.ChatAdapter(use_json_adapter_fallback=False))
+    assert prediction.answer is None and "the plan has 3 steps; use at most 2" in prediction.trace_notes[-1]

@@ -9,6 +9,7 @@ from optimize.llm.engine import build_lm
 from optimize.evaluate import evaluate
 from optimize.trial import adapter
 from programs import list_programs
+from programs.retrieval import fill_retrievers
 
 pytestmark = pytest.mark.model
 
@@ -22,8 +23,9 @@ def lm():
 
 @pytest.mark.parametrize("spec", list_programs(), ids=lambda s: s.name)
 def test_program_on_three_real_examples(spec, lm):
-    splits = load_splits(DataConfig(dataset=DATASET[spec.kind], train=0, test=3, seed=0))
+    splits = load_splits(DataConfig(dataset=DATASET[spec.kind], train=200, test=3, seed=0))
     program = spec.build(splits.task)
+    fill_retrievers(program, splits.train)  # as the pipeline does: retrieval programs search the training split
     with dspy.context(lm=lm, adapter=adapter()):
         result = evaluate(program, splits.test, spec.metric(splits.task), splits.task.answer_field, threads=3)
     assert result.attempted == 3
