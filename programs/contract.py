@@ -6,6 +6,10 @@
 - `PER_CALL_CHOICES`: the extra a program sets on a `Literal` output field whose choices it narrows on
   every call, so that a prompt-formatting adapter puts them after the call's inputs, not in the shared
   system message (optimize.llm.adapter reads it by this name).
+- `OUTPUT_SCHEMA`: the extra a program sets on an output field to hold JSON-schema keywords for it (a
+  string's `pattern`, a list's `maxItems`); DSPy builds the response schema from the bare type and drops
+  pydantic constraints, so a JSON adapter adds these to the field's schema, and the decoding grammar
+  enforces them.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 PER_CALL_CHOICES = "per_call_choices"
+OUTPUT_SCHEMA = "output_schema"
 
 _step: contextvars.ContextVar[str] = contextvars.ContextVar("chainopt_step", default="predict")
 

@@ -1,16 +1,20 @@
-"""Math word problems: one-shot, with reasoning, and a decomposed chain whose arithmetic a calculator does."""
+"""Math word problems: one-shot, with reasoning, a decomposed chain whose arithmetic a calculator does,
+and one expression over the problem's own numbers, decoded under a grammar that admits nothing else."""
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from collections import Counter
+from typing import Any, Iterable, Sequence
 
 import dspy
 import pydantic
 
-from programs.contract import step
+from programs.contract import OUTPUT_SCHEMA, ProgramError, step
 from programs.metrics import NumericMatch
-from programs.registry import ProgramSpec, Record, TaskLike, UnreadableOutput, ask
-from programs.validators import CalculatorError, Number, evaluate_steps, format_number, parse_number
+from programs.registry import ProgramSpec, Record, TaskLike, Tunable, UnreadableOutput, ask
+from programs.retrieval import Retriever
+from programs.validators import CalculatorError, Number, calculate, evaluate_steps, format_number, parse_number
 
 NO_FEEDBACK = "none"  # the planner's feedback on a first try; a constant, so demos and cache stay stable
 
@@ -61,21 +65,24 @@ class MathChain(dspy.Module):
     feedback grows with each failure, so a retry never repeats an input (and its cached output).
     """
 
-    def __init__(self, task: TaskLike, max_retries: int = 2):
+    def __init__(self, task: TaskLike, max_retries: int = 2, max_steps: int = 8):
         super().__init__()
+        if max_steps < 1:
+            raise ProgramError(f"math.chain needs max_steps >= 1, got {max_steps}")
         self.inputs, self.output = tuple(task.input_fields), task.answer_field
-        self.max_retries = max_retries
-        self.plan = dspy.Predict(
-            dspy.Signature(
-                {
-                    **_inputs(task),
-                    "feedback": (str, dspy.InputField(desc="errors in earlier steps to fix, or none")),
-                    "steps": (list[Step], dspy.OutputField(desc="the steps; the last one answers the question")),
-                },
-                "Break the math word problem into small steps. For each step ask a sub-question and write one "
-                "arithmetic expression that answers it, with numbers from the problem or earlier results as #1, #2.",
-            )
+        self.max_retries, self.max_steps = max_retries, max_steps
+        signature = dspy.Signature(
+            {
+                **_inputs(task),
+                "feedback": (str, dspy.InputField(desc="errors in earlier steps to fix, or none")),
+                "steps": (list[Step], dspy.OutputField(desc="the steps; the last one answers the question")),
+            },
+            "Break the math word problem into small steps. For each step ask a sub-question and write one "
+            "arithmetic expression that answers it, with numbers from the problem or earlier results as #1, #2.",
         )
+        # The grammar ends the list after max_steps, so a tiny model cannot loop on steps up to max_tokens.
+        self.plan = dspy.Predict(signature.with_updated_fields(
+            "steps", **{OUTPUT_SCHEMA: {"minItems": 1, "maxItems": max_steps}}))
 
     def forward(self, **kwargs: Any) -> dspy.Prediction:
         record = Record()
@@ -97,10 +104,11 @@ class MathChain(dspy.Module):
                     record.fail(errors[-1])
         return record.prediction(**{self.output: answer})
 
-    @staticmethod
-    def _compute(steps: Any, record: Record) -> Number:
+    def _compute(self, steps: Any, record: Record) -> Number:
         if not isinstance(steps, list):
             raise CalculatorError(f"the steps are not a list: {str(steps)[:80]!r}")
+        if len(steps) > self.max_steps:  # reached only where no grammar bounds the list
+            raise CalculatorError(f"the plan has {len(steps)} steps; use at most {self.max_steps}")
         expressions = [_expression(s) for s in steps]
         results = evaluate_steps(expressions)
         for number, (expression, result) in enumerate(zip(expressions, results), start=1):
@@ -115,6 +123,179 @@ def _expression(item: Any) -> str:
     return str(item.get("expression", "")) if isinstance(item, dict) else str(item)
 
 
+# ---------------------------------------------------------------- one expression over the problem's numbers
+
+EXPRESSION = "expression"  # the output field of math.expr, and the key its pool adds to training examples
+MAX_OPERANDS = 8  # numbers in one expression: a GSM8K solution rarely needs more
+MAX_NESTING = 3  # parentheses opened (or closed) next to one number
+SAMPLE_TEMPERATURE = 0.7  # for the samples after the first, greedy one
+
+_PROBLEM_NUMBER = re.compile(r"(?<![\d.,])(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+_TOKEN = re.compile(r"\d+(?:\.\d+)?|[-+*/()]")
+_CALCULATION = re.compile(r"<<([^=<>]+)=([^<>]+)>>")
+
+
+def problem_numbers(text: str) -> tuple[str, ...]:
+    """The numbers written in a problem, commas dropped (`$1,200` → `1200`), each once, in order."""
+    return tuple(dict.fromkeys(m.replace(",", "") for m in _PROBLEM_NUMBER.findall(text)))
+
+
+def expression_pattern(numbers: Sequence[str]) -> str:
+    """A regex for expressions over `numbers` alone: up to MAX_OPERANDS of them joined by + - * /, each
+    with up to MAX_NESTING parentheses either side. Written in the subset that llama.cpp's JSON-schema
+    converter turns into a grammar (groups without `?:`, a dot as `[.]`), so decoding obeys it too."""
+    if not numbers:
+        raise ValueError("no numbers to build an expression from")
+    alternatives = "|".join(n.replace(".", "[.]") for n in sorted(numbers, key=lambda n: (-len(n), n)))
+    operand = rf"\({{0,{MAX_NESTING}}}({alternatives})\){{0,{MAX_NESTING}}}"
+    return rf"^{operand}( ?[+*/-] ?{operand}){{0,{MAX_OPERANDS - 1}}}$"
+
+
+def tidy_expression(text: str) -> str | None:
+    """`( 76.0 - 25.0 )` → `76 - 25`: numbers as a problem writes them, spaces around operators only, no
+    parentheses around the whole; None when the text holds anything but numbers, + - * / and parentheses."""
+    if _TOKEN.sub("", text).strip():
+        return None
+    tokens = [format_number(float(t)) if t[0].isdigit() else t for t in _TOKEN.findall(text)]
+    tidy = " ".join(tokens).replace("( ", "(").replace(" )", ")")
+    while tidy.startswith("(") and _closing(tidy) == len(tidy) - 1:
+        tidy = tidy[1:-1]
+    return tidy
+
+
+def _closing(text: str) -> int:
+    """Index of the parenthesis that closes the one at index 0 (-1 if none does)."""
+    depth = 0
+    for index, char in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth == 0:
+            return index
+    return -1
+
+
+def chained_expression(rationale: str, numbers: Sequence[str]) -> str | None:
+    """One expression for a GSM8K solution: its calculator annotations (`<<48/2=24>>`) in order, each
+    earlier result that is not a number of the problem replaced by the expression that made it."""
+    made: dict[str, str] = {}
+    last = None
+    for expression, result in _CALCULATION.findall(rationale):
+        tidy = tidy_expression(expression)
+        if tidy is None:
+            return None
+        last = _TOKEN.sub(lambda m: f"({made[m[0]]})" if m[0] in made and m[0] not in numbers else m[0], tidy)
+        try:
+            made[format_number(parse_number(result))] = last
+        except ValueError:
+            return None
+    return tidy_expression(last) if last else None
+
+
+def demo_expression(example: dict[str, Any], question: str, answer_field: str) -> str | None:
+    """The expression that answers a training example, or None: its own `expression` (a saved pool),
+    SVAMP's `equation`, or GSM8K's chained annotations; kept only when it uses the problem's numbers alone,
+    fits the pattern the model's answers must fit, and computes the gold answer."""
+    numbers = problem_numbers(question)
+    if EXPRESSION in example:
+        expression = str(example[EXPRESSION])
+    elif "equation" in example:
+        expression = tidy_expression(str(example["equation"]))
+    elif "rationale" in example:
+        expression = chained_expression(str(example["rationale"]), numbers)
+    else:
+        return None
+    if not expression or not numbers or not re.fullmatch(expression_pattern(numbers), expression):
+        return None
+    try:
+        right = abs(calculate(expression) - parse_number(example.get(answer_field))) < 1e-6
+    except ValueError:  # CalculatorError, or a gold answer with no number
+        return None
+    return expression if right else None
+
+
+class ExpressionPool(Retriever):
+    """A retriever over the training examples that have an expression (`demo_expression`), added to each
+    as `expression`: only those can show the model what to write."""
+
+    def __init__(self, input_fields: Sequence[str], answer_field: str, embedder: str = "tfidf"):
+        super().__init__(input_fields, embedder=embedder)
+        self.answer_field = answer_field
+
+    def fill(self, examples: Iterable[dspy.Example | dict[str, Any]]) -> None:
+        rows = [dict(e.toDict() if isinstance(e, dspy.Example) else e) for e in examples]
+        with_expressions = [(row, demo_expression(row, self.text(row), self.answer_field)) for row in rows]
+        super().fill([{**row, EXPRESSION: expression} for row, expression in with_expressions if expression])
+
+
+class MathExpression(dspy.Module):
+    """One arithmetic expression over the problem's own numbers, computed by the calculator.
+
+    A tiny model cannot do sums and drifts when it reasons, but it can copy the shape of a similar solved
+    problem. The k most similar training problems are its demos, with their expressions (the most similar
+    last, unless `nearest_last` = 0); the answer decodes under a grammar that admits only the numbers written
+    in the problem, + - * / and parentheses; `validators.calculate` computes it. With `samples` > 1 the first
+    expression is greedy and the others sampled, and the value most of them compute wins (ties: the earlier);
+    its share of the samples is returned as `agreement`. An expression outside the pattern (possible only
+    without the grammar) or one the calculator refuses is a recorded failure, not an exception.
+    """
+
+    def __init__(self, task: TaskLike, k: int = 4, samples: int = 1, nearest_last: int = 1,
+                 embedder: str = "tfidf"):
+        super().__init__()
+        if k < 1 or samples < 1:
+            raise ProgramError(f"math.expr needs k >= 1 and samples >= 1, got k={k}, samples={samples}")
+        self.inputs, self.output = tuple(task.input_fields), task.answer_field
+        self.settings = Tunable(k=k, samples=samples, nearest_last=nearest_last)
+        self.retrieve = ExpressionPool(task.input_fields, task.answer_field, embedder=embedder)
+        self.write = dspy.Predict(dspy.Signature(
+            {**_inputs(task),
+             EXPRESSION: (str, dspy.OutputField(desc="arithmetic over the problem's numbers, e.g. (12 + 3) * 4"))},
+            "Write one arithmetic expression that answers the math word problem, using only numbers written in "
+            "the problem and + - * / ( ).",
+        ))
+
+    def forward(self, **kwargs: Any) -> dspy.Prediction:
+        record = Record()
+        inputs = {name: kwargs[name] for name in self.inputs}
+        numbers = problem_numbers(self.retrieve.text(inputs))
+        if not numbers:
+            record.fail("the problem has no numbers to write an expression with")
+            return record.prediction(**{self.output: None, EXPRESSION: None, "agreement": 0.0})
+        pattern = expression_pattern(numbers)
+        with step("retrieve"):
+            neighbours = self.retrieve(self.settings["k"], **inputs)  # most similar first
+        call = {**inputs, "demos": [*self.write.demos, *(neighbours[::-1] if self.settings["nearest_last"]
+                                                          else neighbours)],
+                "signature": self.write.signature.with_updated_fields(EXPRESSION,
+                                                                      **{OUTPUT_SCHEMA: {"pattern": pattern}})}
+        computed: list[tuple[Number, str]] = []
+        for sample in range(self.settings["samples"]):
+            config = {"temperature": SAMPLE_TEMPERATURE, "seed": sample} if sample else {}
+            record.steps += 1
+            with step("expression" if not sample else "expression.sample"):
+                try:
+                    text, note = ask(self.write, EXPRESSION, {**call, "config": config}, record)
+                    record.note(note)
+                    computed.append((_compute_expression(str(text).strip(), pattern), str(text).strip()))
+                    record.note(f"{computed[-1][1]} = {format_number(computed[-1][0])}")
+                except (CalculatorError, UnreadableOutput) as e:
+                    record.fail(f"sample {sample + 1}: {e}")
+        if not computed:
+            return record.prediction(**{self.output: None, EXPRESSION: None, "agreement": 0.0})
+        votes = Counter(value for value, _ in computed)
+        value = max(votes, key=votes.__getitem__)  # the first value to reach the top count
+        agreement = votes[value] / self.settings["samples"]
+        if self.settings["samples"] > 1:
+            record.note(f"vote: {format_number(value)} from {votes[value]} of {self.settings['samples']} samples")
+        expression = next(text for v, text in computed if v == value)
+        return record.prediction(**{self.output: value, EXPRESSION: expression, "agreement": agreement})
+
+
+def _compute_expression(text: str, pattern: str) -> Number:
+    if not re.fullmatch(pattern, text):
+        raise CalculatorError(f"{text!r} is not an expression over the problem's numbers with + - * / ( )")
+    return calculate(text)
+
+
 def _numeric_metric(task: TaskLike) -> NumericMatch:
     return NumericMatch(task.answer_field)
 
@@ -127,6 +308,12 @@ SPECS = (
     ),
     ProgramSpec(
         "math.chain", "math", "sub-questions with expressions, computed by a calculator; retried on errors",
-        MathChain, _numeric_metric, settings={"max_retries": 2},
+        MathChain, _numeric_metric, settings={"max_retries": 2, "max_steps": 8},
+    ),
+    ProgramSpec(
+        "math.expr", "math",
+        "one expression over the problem's numbers (grammar-constrained, similar solved problems as demos), "
+        "computed by a calculator; optional self-consistency vote",
+        MathExpression, _numeric_metric, settings={"k": 4, "samples": 1, "nearest_last": 1, "embedder": "tfidf"},
     ),
 )

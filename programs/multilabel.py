@@ -7,7 +7,7 @@ from typing import Any, Literal, Sequence
 
 import dspy
 
-from programs.contract import PER_CALL_CHOICES, ProgramError, step
+from programs.contract import OUTPUT_SCHEMA, PER_CALL_CHOICES, ProgramError, step
 from programs.metrics import LabelSetMatch
 from programs.registry import ProgramSpec, Record, TaskLike, Tunable, UnreadableOutput, ask
 from programs.retrieval import Retriever
@@ -18,12 +18,20 @@ RETRY = f"{CLASSIFY} Earlier answers were rejected for the reasons given in feed
 DESC = "the labels that apply"
 
 
-def _signature(task: TaskLike, output: type, instructions: str, feedback: bool = False) -> type[dspy.Signature]:
+def _signature(task: TaskLike, output: type, instructions: str, max_labels: int,
+               feedback: bool = False) -> type[dspy.Signature]:
+    """The answer field's grammar admits 1 to `max_labels` labels, so a small model repeating labels stops."""
     fields: dict[str, Any] = {name: (str, dspy.InputField()) for name in task.input_fields}
     if feedback:
         fields["feedback"] = (str, dspy.InputField(desc="why earlier answers were rejected"))
     fields[task.answer_field] = (output, dspy.OutputField(desc=DESC))
-    return dspy.Signature(fields, instructions)
+    bounds = {"minItems": 1, "maxItems": max_labels}
+    return dspy.Signature(fields, instructions).with_updated_fields(task.answer_field, **{OUTPUT_SCHEMA: bounds})
+
+
+def _check_max_labels(name: str, max_labels: int) -> None:
+    if max_labels < 1:
+        raise ProgramError(f"{name} needs max_labels >= 1, got {max_labels}")
 
 
 def _choose_set(predictor: dspy.Module, output: str, inputs: dict[str, Any], labels: Sequence[str],
@@ -39,10 +47,11 @@ def _choose_set(predictor: dspy.Module, output: str, inputs: dict[str, Any], lab
 class MultiLabelPredict(dspy.Module):
     """Zero-shot: one call over the whole label set, its answer validated."""
 
-    def __init__(self, task: TaskLike):
+    def __init__(self, task: TaskLike, max_labels: int = 3):
         super().__init__()
+        _check_max_labels("multilabel.predict", max_labels)
         self.inputs, self.output, self.labels = tuple(task.input_fields), task.answer_field, tuple(task.labels)
-        self.classify = dspy.Predict(_signature(task, list[Literal[self.labels]], CLASSIFY))
+        self.classify = dspy.Predict(_signature(task, list[Literal[self.labels]], CLASSIFY, max_labels))
 
     def forward(self, **kwargs: Any) -> dspy.Prediction:
         record = Record()
@@ -65,15 +74,16 @@ class MultiLabelRetrieve(dspy.Module):
     """
 
     def __init__(self, task: TaskLike, k: int = 8, nearest_last: int = 1, max_retries: int = 1,
-                 embedder: str = "tfidf"):
+                 embedder: str = "tfidf", max_labels: int = 3):
         super().__init__()
         if k < 1:
             raise ProgramError(f"multilabel.retrieve needs k >= 1, got {k}")
+        _check_max_labels("multilabel.retrieve", max_labels)
         self.inputs, self.output, self.labels = tuple(task.input_fields), task.answer_field, tuple(task.labels)
         self.settings = Tunable(k=k, nearest_last=nearest_last, max_retries=max_retries)
         self.retrieve = Retriever(task.input_fields, embedder=embedder)
-        self.classify = dspy.Predict(_signature(task, list[str], CLASSIFY))
-        self.retry = dspy.Predict(_signature(task, list[Literal[self.labels]], RETRY, feedback=True))
+        self.classify = dspy.Predict(_signature(task, list[str], CLASSIFY, max_labels))
+        self.retry = dspy.Predict(_signature(task, list[Literal[self.labels]], RETRY, max_labels, feedback=True))
 
     def choices(self, neighbours: Sequence[dspy.Example]) -> tuple[str, ...]:
         """The union of the neighbours' known labels, most votes first (ties: the nearer first)."""
@@ -122,10 +132,10 @@ def _metric(task: TaskLike) -> LabelSetMatch:
 
 SPECS = (
     ProgramSpec("multilabel.predict", "multilabel", "one call: request → a set of labels from all of them",
-                MultiLabelPredict, _metric),
+                MultiLabelPredict, _metric, settings={"max_labels": 3}),
     ProgramSpec(
         "multilabel.retrieve", "multilabel",
         "k similar training examples as demos, the answer a set of their labels; validated, with a retry",
-        MultiLabelRetrieve, _metric, settings={"k": 8, "nearest_last": 1, "max_retries": 1, "embedder": "tfidf"},
+        MultiLabelRetrieve, _metric, settings={"k": 8, "nearest_last": 1, "max_retries": 1, "embedder": "tfidf", "max_labels": 3},
     ),
 )

@@ -160,6 +160,31 @@ def test_a_set_of_choices_decodes_under_a_grammar_of_labels_alone():
     assert 'intents-item ::= "\\"a_b\\"" | "\\"c\\""' in grammar
 
 
+@pytest.mark.parametrize("name", ["multilabel.predict", "multilabel.retrieve"])
+def test_the_answer_holds_at_most_max_labels_by_its_grammar(name):
+    """Fails if a small model can repeat labels until max_tokens: the schema, and so the grammar, caps the list
+    (the narrowed per-call field of multilabel.retrieve keeps the cap, and so does its retry)."""
+    program = _program(name, max_labels=2, **({"k": 3} if name.endswith("retrieve") else {}))
+    adapter = CacheFriendlyAdapter()
+
+    class SchemaLM:
+        supported_params = frozenset({"response_format"})
+        supports_response_schema = True
+
+    narrowed = program.classify.signature.with_updated_fields(
+        "intents", type_=list[Literal["card_arrival", "card_linking"]], **{PER_CALL_CHOICES: True})
+    for signature in [program.classify.signature, narrowed, *([program.retry.signature] if name.endswith("retrieve") else [])]:
+        kwargs: dict = {}
+        adapter._prepare_response_format(SchemaLM(), kwargs, signature)
+        schema = kwargs["response_format"].model_json_schema()
+        intents = schema["properties"]["intents"]
+        assert (intents["minItems"], intents["maxItems"]) == (1, 2)
+        rule = next(line for line in schema_grammar(json.dumps(schema)).splitlines() if line.startswith("intents ::="))
+        assert rule.count('","') == 1 and not {"*", "+"} & set(rule)  # one label, or two, never more
+    with pytest.raises(ValueError, match="max_labels >= 1"):
+        _program(name, max_labels=0)
+
+
 # ---------------------------------------------------------------- the metric
 
 
@@ -261,7 +286,7 @@ def test_a_run_reports_f1_and_exact_set_accuracy_and_exports(tmp_path, mlflow_st
     predicted = [json.loads(line) for line in answers.read_text().splitlines()]
     # predictions.json writes an answer as text, "" for none (a set the checks rejected twice)
     assert ["" if a["intents"] is None else str(a["intents"]) for a in predicted] == [r["predicted"] for r in recorded]
-    assert all(set(a["intents"] or []) <= set(manifest["task"]["intents"]) for a in predicted)
+    assert all(set(a["intents"] or []) <= set(manifest["task"]["labels"]) for a in predicted)
 
 
 def test_the_vendored_multilabel_file_is_what_its_script_makes(tmp_path):

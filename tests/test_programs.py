@@ -43,6 +43,7 @@ SCRIPTS = {
     "math.predict": (MATH, [{"answer": "72"}], 72, 1),
     "math.cot": (MATH, [{"reasoning": "48 + 24", "answer": "72"}], 72, 1),
     "math.chain": (MATH, [PLAN], 72, 1),
+    "math.expr": (MATH, [{"expression": "48 + 48"}], 96, 1),  # only 48 is written in the question
 }
 INPUTS = {"intent": {"query": "Where is my new card?"}, "multilabel": {"query": "Where is my new card?"},
           "math": {"question": "Natalia sold 48 clips..."}}
@@ -53,12 +54,16 @@ POOL = [dspy.Example(query=q, intent=label, intents=[label]).with_inputs("query"
     ("How do I link my new card?", "card_linking"), ("Top up failed again", "top_up_failed"),
     ("Is there a fee for a new card?", "order_physical_card"), ("What is the exchange rate?", "exchange_rate"),
 ]]
+MATH_POOL = [dspy.Example(question=q, answer=a, equation=e).with_inputs("question") for q, a, e in [
+    ("Tom had 30 pens and gave half, 2 parts, away. How many are left?", "15", "( 30.0 / 2.0 )"),
+    ("Ann sold 12 cakes and 12 pies. How many in all?", "24", "( 12.0 + 12.0 )"),
+]]
 
 
 def build(name: str, task: Task, **settings):
-    """A program as the pipeline builds it: settings applied, retrieval steps filled with POOL."""
+    """A program as the pipeline builds it: settings applied, retrieval steps filled with a training pool."""
     program = get_program(name).build(task, **settings)
-    fill_retrievers(program, POOL)
+    fill_retrievers(program, POOL if task.kind == "intent" else MATH_POOL)
     return program
 
 
@@ -73,7 +78,7 @@ def run(program, answers, **inputs):
 
 def test_registry_lists_every_program():
     assert [spec.name for spec in list_programs()] == sorted(SCRIPTS)
-    assert [spec.name for spec in list_programs("math")] == ["math.chain", "math.cot", "math.predict"]
+    assert [spec.name for spec in list_programs("math")] == ["math.chain", "math.cot", "math.expr", "math.predict"]
     for spec in list_programs():
         assert spec.description and spec.kind in ("intent", "multilabel", "math")
 

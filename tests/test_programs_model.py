@@ -25,9 +25,9 @@ def lm():
 def _data(kind: str, tmp_path) -> DataConfig:
     """A named dataset, or for multilabel the file tests/multilabel_data.py builds from Banking77."""
     if kind == "multilabel":
-        return DataConfig(path=str(write(tmp_path / "multilabel.jsonl", train=20, test=3)), inputs={"query": "text"},
-                          split_column="split", train=20, test=3)
-    return DataConfig(dataset=DATASET[kind], train=20, test=3, seed=0)
+        return DataConfig(path=str(write(tmp_path / "multilabel.jsonl", train=200, test=3)), inputs={"query": "text"},
+                          split_column="split", train=200, test=3)
+    return DataConfig(dataset=DATASET[kind], train=200, test=3, seed=0)
 
 
 @pytest.mark.parametrize("spec", list_programs(), ids=lambda s: s.name)

@@ -28,6 +28,10 @@ A set of choices (`list[Literal[...]]`, a multi-label answer) is treated alike: 
 once ("a list of one or more of: a; b; ..."), or after the inputs when narrowed per call, in place of
 JSONAdapter's JSON schema and Python type; the schema it sends (an array of enums) still makes the
 decoding grammar admit only those labels.
+
+An output field may carry JSON-schema keywords in its `output_schema` extra (a `pattern` that admits
+only a problem's numbers, a `maxItems` on a plan): they are added to that field's response schema, which
+DSPy builds from the bare type, so the decoding grammar enforces them. The prompt does not show them.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from dspy.signatures.signature import Signature
 
 
 PER_CALL = "per_call_choices"  # programs.contract.PER_CALL_CHOICES: the choices change with every call
+OUTPUT_SCHEMA = "output_schema"  # programs.contract.OUTPUT_SCHEMA: JSON-schema keywords for an output field
 GIVEN = "one of the choices given with the request"
 GIVEN_SET = "a list of one or more of the choices given with the request"
 
@@ -65,6 +70,19 @@ def _per_call(field: Any) -> bool:
 
 class CacheFriendlyAdapter(dspy.JSONAdapter):
     """JSONAdapter with the static parts of the prompt first and the per-example input last."""
+
+    def _prepare_response_format(self, lm: Any, lm_kwargs: dict[str, Any], signature: type[Signature]) -> None:
+        super()._prepare_response_format(lm, lm_kwargs, signature)
+        format_ = lm_kwargs.get("response_format")
+        extras = {name: (field.json_schema_extra or {}).get(OUTPUT_SCHEMA)
+                  for name, field in signature.output_fields.items()}
+        extras = {name: keywords for name, keywords in extras.items() if keywords}
+        if not extras or not hasattr(format_, "model_json_schema"):
+            return  # no keywords to add, or JSON mode without a schema
+        schema = format_.model_json_schema()
+        schema = {**schema, "properties": {name: {**prop, **extras.get(name, {})}
+                                           for name, prop in schema["properties"].items()}}
+        format_.model_json_schema = lambda *args, **kwargs: schema  # a model made for this call alone
 
     def format_system_message(self, signature: type[Signature]) -> str:
         parts = [self.format_field_description(signature), self.format_field_structure(signature),
