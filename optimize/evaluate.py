@@ -101,12 +101,13 @@ def evaluate(program: dspy.Module, examples: list[dspy.Example], metric: Callabl
             try:
                 pred = program(**inputs)
                 record.predicted = pred.get(answer_field)
-                record.score = score_of(metric(example, pred))
-                record.success = record.score >= 1.0
                 record.steps = int(pred.get("steps", 1) or 1)
                 record.validator_failures = int(pred.get("validator_failures", 0) or 0)
                 record.retries = int(pred.get("retries", 0) or 0)
                 record.parse_failure = bool(pred.get("parse_failures", 0))
+                if record.gold is not None:  # a new input without its answer (chainopt predict): nothing to grade
+                    record.score = score_of(metric(example, pred))
+                    record.success = record.score >= 1.0
             except Exception as exc:  # one chain's failure is a data point, not a crash
                 budget = find_cause(exc, BudgetExceeded)
                 record.budget_exceeded = budget is not None

@@ -49,3 +49,23 @@ def test_a_missing_input_names_the_column_to_provide(tmp_path, data, needle):
     with pytest.raises(DataError) as error:
         read_inputs(_file(tmp_path, {"utterance": "card late"}), TASK, input_columns(data, TASK))
     assert needle in str(error.value) and "line 1" in str(error.value)
+
+
+def test_an_ungraded_input_is_answered_without_an_error():
+    """Fails if the metric is asked to grade a new line that has no gold answer: every answer of
+    `chainopt predict` on new lines then carried `"error": "'intent'"` and `"steps": 0`."""
+    import dspy
+
+    from optimize.evaluate import evaluate
+
+    class Fixed(dspy.Module):
+        def forward(self, query):
+            return dspy.Prediction(intent="top_up", steps=2)
+
+    graded = dspy.Example(query="top me up", intent="top_up").with_inputs("query")
+    new = dspy.Example(query="top me up").with_inputs("query")
+    result = evaluate(Fixed(), [graded, new], lambda example, pred, trace=None: example.intent == pred.intent,
+                      "intent", threads=1)
+    first, second = sorted(result.records, key=lambda r: r.index)
+    assert (first.gold, first.success, first.error, first.steps) == ("top_up", True, None, 2)
+    assert (second.gold, second.predicted, second.error, second.steps) == (None, "top_up", None, 2)
