@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -219,7 +220,7 @@ def test_kv_cache_too_small_for_one_slot(capsys, tmp_path, mlflow_store):
     code, err = cli(capsys, "run", str(config))  # found when the engine starts, after the progress lines
     *progress, last = err.splitlines()
     assert_clean_error(code, last, "KV cache of 10 MB holds no decoding slot", "raise kv_cache_mb or lower n_ctx")
-    assert progress[-1].strip() == "loading smollm2-135m: failed in 0 s"
+    assert re.fullmatch(r"loading smollm2-135m: failed in \d+ s", progress[-1].strip())  # seconds vary with load
     assert {r.info.status for r in runs_in(mlflow_store)} == {"FAILED"}  # the child and its parent
 
 
