@@ -59,11 +59,11 @@ class Cascade(dspy.Module):
                           None)
         seen = {"probability": confidence["probability"] if confidence else None,
                 "margin": confidence["margin"] if confidence else None, "agreement": pred.get("agreement")}
-        if answer is None:
-            return "no answer", seen
         if int(pred.get("validator_failures", 0) or 0):
             notes = pred.get("trace_notes") or []
             return "validator: " + (notes[0] if notes else "an answer was rejected"), seen
+        if answer is None:
+            return "no answer", seen
         agreement = seen["agreement"]
         if agreement is not None and agreement < self.settings["min_agreement"]:
             return f"agreement {agreement:.2f} < {self.settings['min_agreement']}", seen
