@@ -280,3 +280,58 @@ def test_settings_search_refuses_an_unknown_objective():
     with pytest.raises(ConfigError, match="objective 'cheapest' is not one of: accuracy, seconds_per_success"):
         SettingsSearch(lambda *a: 1, {"x": [1]}, objective="cheapest")
     assert math.isinf(cost.per_success(1.0, 0))
+
+
+# -- MLflow rows, the Pareto plot and the report ------------------------------------------------------------
+def _store_cascade_experiment(name, tmp_path):
+    """A parent with the two single-model runs and the cascade, shaped like `chainopt run`'s children."""
+    import mlflow
+
+    from optimize import tracking
+
+    experiment_id = tracking.setup(name)
+    base = {"n": 4, "latency_p50": 0.5, "latency_p95": 0.9, "parse_failures": 0, "tokens_total": 100}
+    runs = [("small", "smollm2-135m", "", {"accuracy": 0.5, "seconds_per_success": 1.0}),
+            ("big", "qwen2.5-coder-0.5b", "", {"accuracy": 1.0, "seconds_per_success": 4.0}),
+            ("both", "smollm2-135m", "cascade(smollm2-135m>qwen2.5-coder-0.5b)",
+             {"accuracy": 1.0, "seconds_per_success": 2.0, "escalation_rate": 0.5, "escalated": 2,
+              "model1.accuracy_alone": 0.5, "escalated_accuracy": 1.0, "escalated_first_accuracy": 0.0})]
+    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags={tracking.TAG_KIND: "parent"}) as parent:
+        for run_name, spec, cascade_name, metrics in runs:
+            with mlflow.start_run(run_name=run_name, nested=True, experiment_id=experiment_id,
+                                  tags={tracking.TAG_KIND: "child"}):
+                mlflow.log_params({"program.name": "intent.retrieve", "optimizer.name": "none", "model.spec": spec,
+                                   "seed": 0, **({"cascade": cascade_name} if cascade_name else {})})
+                tracking.log_metrics({**base, **metrics, "successes": 4 * metrics["accuracy"]})
+        rows = tracking.child_rows(experiment_id, parent.info.run_id)
+    return rows
+
+
+def test_the_cascade_is_its_own_point_beside_its_models(mlflow_store, tmp_path, monkeypatch):
+    """Fails if the cascade's row is not marked and named as the cascade, is left off the Pareto front it is on,
+    is not drawn as its own (diamond) point named cascade beside the models named by model, or is missing
+    from the report's cascade table with its escalation rate and its first model's accuracy alone."""
+    import matplotlib.axes
+
+    from optimize import tracking
+    from optimize.report import write_report
+
+    rows = _store_cascade_experiment("cascade-plot", tmp_path)
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["both"]["cascade"] and by_name["both"]["model"] == "cascade(smollm2-135m>qwen2.5-coder-0.5b)"
+    assert not by_name["big"]["cascade"]
+    assert {r["name"] for r in rows if r["pareto"]} == {"small", "both"}  # the big model is dominated by the cascade
+    drawn, named = [], []
+    scatter, annotate = matplotlib.axes.Axes.scatter, matplotlib.axes.Axes.annotate
+    monkeypatch.setattr(matplotlib.axes.Axes, "scatter",
+                        lambda self, *a, **k: drawn.append(k.get("marker")) or scatter(self, *a, **k))
+    monkeypatch.setattr(matplotlib.axes.Axes, "annotate",
+                        lambda self, text, *a, **k: named.append(text) or annotate(self, text, *a, **k))
+    tracking.pareto_plot(rows, tmp_path / "p.png")
+    assert sorted(drawn) == ["D", "o", "o"]
+    assert sorted(named) == ["cascade none", "qwen2.5-coder-0.5b none", "smollm2-135m none"]
+    path, _ = write_report("cascade-plot", tmp_path / "r.html")
+    html = path.read_text(encoding="utf-8")
+    assert "Cascades against their models" in html
+    table = html.split('<table class="cascades">')[1].split("</table>")[0]
+    assert "both" in table and "small" in table and "big" in table and "0.5 (2)" in table
