@@ -124,8 +124,9 @@ class CascadeConfig(Section):
     min_probability: float = Field(0.0, ge=0, le=1, description="escalate a choice whose label got less probability")
     min_margin: float = Field(0.0, ge=0, le=1, description="escalate a choice whose margin over the next label is less")
     min_agreement: float = Field(0.0, ge=0, le=1, description="escalate an answer fewer of the samples agree on (math.expr)")
-    optimizers: tuple[str, ...] | None = Field(None, description="run the cascade only with these of the "
-                                                "experiment's optimizers (default: all a program runs with)")
+    optimizers: tuple[str, ...] | None = Field(None, description="run the cascade with these of the experiment's "
+                                                "optimizers, in place of each program's own list (default: that list): "
+                                                "settings_search over the thresholds is for the cascade alone")
 
 
 class CascadeTrial(Section):
@@ -212,8 +213,8 @@ class Experiment(Section):
             trials += [Trial(experiment=self.name, model=models[0], data=self.data, program=p, optimizer=o, seed=s,
                              budget=self.budget, cost=self.cost, eval=self.eval, cascade=cascade)
                        for p, o, s in itertools.product(self.programs, self.optimizers, self.seeds)
-                       if (p.optimizers is None or o.name in p.optimizers)
-                       and (self.cascade.optimizers is None or o.name in self.cascade.optimizers)]
+                       if (o.name in self.cascade.optimizers if self.cascade.optimizers is not None
+                           else p.optimizers is None or o.name in p.optimizers)]
         return trials
 
 

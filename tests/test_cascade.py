@@ -157,16 +157,20 @@ def experiment(**cascade):
 
 
 def test_a_cascade_is_one_more_trial_per_program_and_optimizer():
-    exp = parse_experiment(experiment(min_probability=0.6, optimizers=["settings_search"]))
+    """The cascade's optimizers replace the program's own list for the cascade alone: the single models run
+    `none`, the cascade also tunes its thresholds. Fails if either list leaks into the other's trials."""
+    raw = experiment(min_probability=0.6, optimizers=["none", "settings_search"])
+    raw["programs"][0]["optimizers"] = ["none"]
+    exp = parse_experiment(raw)
     trials = exp.combinations()
     assert [t.run_name for t in trials] == [
-        "intent.retrieve+none+smollm2-135m+s0", "intent.retrieve+settings_search+smollm2-135m+s0",
-        "intent.retrieve+none+qwen2.5-coder-0.5b+s0", "intent.retrieve+settings_search+qwen2.5-coder-0.5b+s0",
+        "intent.retrieve+none+smollm2-135m+s0", "intent.retrieve+none+qwen2.5-coder-0.5b+s0",
+        "intent.retrieve+none+cascade(smollm2-135m>qwen2.5-coder-0.5b)+s0",
         "intent.retrieve+settings_search+cascade(smollm2-135m>qwen2.5-coder-0.5b)+s0"]
     last = trials[-1]
     assert [m.spec for m in last.cascade.models] == ["smollm2-135m", "qwen2.5-coder-0.5b"]
     assert last.cascade.min_probability == 0.6 and last.model.spec == "smollm2-135m"
-    assert len({t.config_hash() for t in trials}) == 5
+    assert len({t.config_hash() for t in trials}) == 4
 
 
 def test_a_trial_without_a_cascade_hashes_as_before():
