@@ -65,7 +65,8 @@ def _json_default(value: Any) -> Any:
 def _result_text(result) -> str:
     from optimize.tracking import default_uri
 
-    rows = [[t.trial.program.name, t.trial.optimizer.name, t.trial.model.spec, t.trial.seed,
+    rows = [[t.trial.program.name, t.trial.optimizer.name, t.trial.cascade.name if t.trial.cascade else t.trial.model.spec,
+             t.trial.seed,
              t.metrics.get("accuracy"), f"{int(t.metrics.get('successes', 0))}/{int(t.metrics.get('n', 0))}",
              t.metrics.get("tokens_per_success"), t.metrics.get("seconds_per_success"),
              t.metrics.get("parse_failures"), t.metrics.get("error_rate"), _status(t)] for t in result.trials]

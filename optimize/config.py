@@ -114,6 +114,38 @@ class EvalConfig(Section):
                                   "answer) above which the trial is FAILED, not a result")
 
 
+class CascadeConfig(Section):
+    """`[cascade]`: the experiment's programs also run as a cascade over its models (programs/cascade.py): the
+    first answers, the next one only when that answer is in doubt (rejected by its validator, or less sure
+    than these thresholds). Each single model still runs as usual, so the cascade stands beside them."""
+
+    models: tuple[str, ...] | None = Field(None, description="specs of [[models]] entries, cheapest first; "
+                                           "default: every [[models]] entry, in the file's order")
+    min_probability: float = Field(0.0, ge=0, le=1, description="escalate a choice whose label got less probability")
+    min_margin: float = Field(0.0, ge=0, le=1, description="escalate a choice whose margin over the next label is less")
+    min_agreement: float = Field(0.0, ge=0, le=1, description="escalate an answer fewer of the samples agree on (math.expr)")
+    optimizers: tuple[str, ...] | None = Field(None, description="run the cascade with these of the experiment's "
+                                                "optimizers, in place of each program's own list (default: that list): "
+                                                "settings_search over the thresholds is for the cascade alone")
+
+
+class CascadeTrial(Section):
+    """A cascade as one trial runs it: its models, resolved, in escalation order, and its thresholds."""
+
+    models: tuple[ModelConfig, ...]
+    min_probability: float = 0.0
+    min_margin: float = 0.0
+    min_agreement: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return "cascade(" + ">".join(m.spec.rsplit("/", 1)[-1] for m in self.models) + ")"
+
+    def thresholds(self) -> dict[str, float]:
+        return {"min_probability": self.min_probability, "min_margin": self.min_margin,
+                "min_agreement": self.min_agreement}
+
+
 class Experiment(Section):
     """A whole experiment file; `models x programs x optimizers x seeds` is the sweep."""
 
@@ -130,6 +162,7 @@ class Experiment(Section):
     eval: EvalConfig = EvalConfig()
     baselines: tuple[str, ...] = Field((), description="classical classifiers fitted on the same training split "
                                        "(optimize.baselines), each recorded as a child run beside the programs")
+    cascade: CascadeConfig | None = Field(None, description="also run each program as a cascade over the models")
 
     @model_validator(mode="after")
     def _non_empty(self) -> "Experiment":
@@ -145,13 +178,44 @@ class Experiment(Section):
         twice = sorted({b for b in self.baselines if self.baselines.count(b) > 1})
         if twice:
             raise ValueError(f"baselines lists {', '.join(twice)} more than once")
+        if self.cascade is not None:
+            self.cascade_models()  # raises, naming what is wrong
+            missing = [name for name in self.cascade.optimizers or () if name not in named]
+            if missing:
+                raise ValueError(f"cascade lists optimizer {', '.join(missing)}, which the experiment does not "
+                                 f"run; its optimizers: {', '.join(sorted(named))}")
         return self
 
+    def cascade_models(self) -> tuple[ModelConfig, ...]:
+        """The cascade's models, cheapest first: each name is the spec of one [[models]] entry."""
+        assert self.cascade is not None
+        specs = [m.spec for m in self.models]
+        names = self.cascade.models or tuple(specs)
+        for name in names:
+            if specs.count(name) != 1:
+                found = "no" if not specs.count(name) else "more than one"
+                raise ValueError(f"cascade.models names {name!r}, but {found} [[models]] entry has that spec; "
+                                 f"the models: {', '.join(specs)}")
+        if len(names) < 2 or len(set(names)) != len(names):
+            raise ValueError(f"cascade.models must name at least two different [[models]] specs, got: "
+                             f"{', '.join(names) or 'none'}")
+        return tuple(self.models[specs.index(name)] for name in names)
+
     def combinations(self) -> list["Trial"]:
-        return [Trial(experiment=self.name, model=m, data=self.data, program=p, optimizer=o, seed=s,
-                      budget=self.budget, cost=self.cost, eval=self.eval)
-                for m, p, o, s in itertools.product(self.models, self.programs, self.optimizers, self.seeds)
-                if p.optimizers is None or o.name in p.optimizers]
+        trials = [Trial(experiment=self.name, model=m, data=self.data, program=p, optimizer=o, seed=s,
+                        budget=self.budget, cost=self.cost, eval=self.eval)
+                  for m, p, o, s in itertools.product(self.models, self.programs, self.optimizers, self.seeds)
+                  if p.optimizers is None or o.name in p.optimizers]
+        if self.cascade is not None:
+            models = self.cascade_models()
+            cascade = CascadeTrial(models=models, **{k: getattr(self.cascade, k) for k in
+                                                     ("min_probability", "min_margin", "min_agreement")})
+            trials += [Trial(experiment=self.name, model=models[0], data=self.data, program=p, optimizer=o, seed=s,
+                             budget=self.budget, cost=self.cost, eval=self.eval, cascade=cascade)
+                       for p, o, s in itertools.product(self.programs, self.optimizers, self.seeds)
+                       if (o.name in self.cascade.optimizers if self.cascade.optimizers is not None
+                           else p.optimizers is None or o.name in p.optimizers)]
+        return trials
 
 
 class Trial(Section):
@@ -166,20 +230,26 @@ class Trial(Section):
     budget: BudgetConfig
     cost: CostConfig
     eval: EvalConfig
+    cascade: CascadeTrial | None = None  # a cascade over several models (`model` is its first)
 
     @property
     def run_name(self) -> str:
         """How the child run, the progress lines and the result table name this combination."""
-        return f"{self.program.name}+{self.optimizer.name}+{self.model.spec}+s{self.seed}"
+        model = self.cascade.name if self.cascade else self.model.spec
+        return f"{self.program.name}+{self.optimizer.name}+{model}+s{self.seed}"
+
+    def _dump(self, exclude: set[str] = set()) -> dict[str, Any]:
+        # A trial with no cascade dumps (and hashes) as it did before the key existed: its stored run is reused.
+        return self.model_dump(mode="json", exclude=exclude | (set() if self.cascade else {"cascade"}))
 
     def config_hash(self) -> str:
         """Identity of a trial's resolved config: a finished child run with this hash is not recomputed."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        blob = json.dumps(self._dump(), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def flat_params(self) -> dict[str, Any]:
         """Every setting as dotted MLflow params (autolog misses constructor settings)."""
-        return dict(_flatten(self.model_dump(mode="json", exclude={"experiment"})))
+        return dict(_flatten(self._dump({"experiment"})))
 
 
 def _flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
@@ -269,6 +339,8 @@ def _beside(exp: Experiment, folder: Path) -> Experiment:
 
     return exp.model_copy(update={
         "models": tuple(model(m) for m in exp.models),
+        "cascade": exp.cascade.model_copy(update={"models": tuple(model(ModelConfig(spec=s)).spec for s in exp.cascade.models)})
+                   if exp.cascade and exp.cascade.models else exp.cascade,
         "optimizers": tuple(o.model_copy(update={"teacher": model(o.teacher)}) if o.teacher else o
                             for o in exp.optimizers),
         "data": exp.data.model_copy(update={key: local(value) for key in ("path", "train_path", "test_path")

@@ -40,6 +40,12 @@ class ChainRecord:
     usage: cost.Usage = field(default_factory=cost.Usage)
     by_step: dict[str, cost.Usage] = field(default_factory=dict)
     seconds: float = 0.0
+    # A cascade's chain (programs/cascade.py): the model that answered, why the first was escalated ("" when
+    # it was not), what each model tried said, and whether the first model's own answer was right.
+    answered_by: str = ""
+    escalation: str = ""
+    cascade: list[dict[str, Any]] = field(default_factory=list)
+    first_success: bool | None = None
 
     def row(self) -> dict[str, Any]:
         """A flat row for the predictions table."""
@@ -51,7 +57,12 @@ class ChainRecord:
                 "error": self.error or "", "input_tokens_computed": self.usage.input_computed,
                 "input_tokens_reused": self.usage.input_reused, "output_tokens": self.usage.output,
                 "lm_calls": self.usage.calls, "seconds": round(self.seconds, 4),
-                "tokens_by_step": {k: v.tokens for k, v in self.by_step.items()}}
+                "tokens_by_step": {k: v.tokens for k, v in self.by_step.items()},
+                **({"answered_by": self.answered_by, "escalation": self.escalation,
+                    "first_success": self.first_success,
+                    "cascade": [{k: v if v is None or isinstance(v, (int, float, bool)) else str(v)
+                                 for k, v in tried.items()} for tried in self.cascade]}
+                   if self.answered_by else {})}
 
 
 @dataclass
@@ -108,6 +119,12 @@ def evaluate(program: dspy.Module, examples: list[dspy.Example], metric: Callabl
                 if record.gold is not None:  # a new input without its answer (chainopt predict): nothing to grade
                     record.score = score_of(metric(example, pred))
                     record.success = record.score >= 1.0
+                if pred.get("cascade"):
+                    record.answered_by, record.escalation = str(pred.get("answered_by")), str(pred.get("escalation"))
+                    record.cascade = list(pred.get("cascade"))
+                    if record.gold is not None:
+                        first = dspy.Prediction(**{answer_field: record.cascade[0]["answer"]})
+                        record.first_success = score_of(metric(example, first)) >= 1.0
             except Exception as exc:  # one chain's failure is a data point, not a crash
                 budget = find_cause(exc, BudgetExceeded)
                 record.budget_exceeded = budget is not None

@@ -28,6 +28,7 @@ from optimize.llm.models import ModelInfo, describe
 from optimize.llm.settings import ModelConfig
 from optimize.optimizers import get_optimizer, resolve_settings, searchable
 from optimize.trial import build_program, get_program, identity, program_settings, run_trial
+from programs.cascade import Cascade
 from programs.retrieval import retrievers
 
 Progress = Callable[[str], None]
@@ -44,8 +45,9 @@ class ExperimentResult:
 
 
 def experiment_hash(exp: Experiment) -> str:
-    # An experiment with no baselines hashes as it did before the key existed: its stored parent resumes.
-    dump = exp.model_dump(mode="json", exclude=set() if exp.baselines else {"baselines"})
+    # An experiment with no baselines (no cascade) hashes as it did before the key existed: its parent resumes.
+    dump = exp.model_dump(mode="json", exclude=(set() if exp.baselines else {"baselines"})
+                          | (set() if exp.cascade else {"cascade"}))
     return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -79,6 +81,9 @@ def check(exp: Experiment, source: Path | None = None) -> None:
         spec = attempt(get_program, trial.program.name)
         if spec is not None and splits is not None:
             student = attempt(build_program, spec, splits.task, program_settings(trial, spec))
+            if student is not None and trial.cascade:  # its thresholds are what settings_search may tune
+                student = Cascade(student, [(m.spec, None) for m in trial.cascade.models], splits.task.answer_field,
+                                  **trial.cascade.thresholds())
             if student is not None and retrievers(student) and not splits.train:
                 problems.append(ConfigError(f"program {trial.program.name} retrieves from the training split, "
                                             f"which is empty: set [data] train (chainopt eval: --train N)"))

@@ -48,6 +48,9 @@ def export_run(run_id: str, out: Path, *, register: bool = True, uri: str | None
             if tracking.download(run_id, name, staging) is None:
                 raise ChainoptError(f"run {run_id} has no {name}: it was not recorded completely")
         trial = Trial.model_validate_json((staging / "trial.json").read_text())
+        if trial.cascade:
+            raise ChainoptError(f"run {run_id} is a cascade over {len(trial.cascade.models)} models; an export holds "
+                                "one program on one model: export the single-model run of its program instead")
         task = json.loads((staging / "task.json").read_text())
         info = describe(trial.model.spec)
         digest = unchanged_digest(trial, run.data.params.get("data.digest"), run_id)
@@ -90,7 +93,7 @@ def pick_run(run: str, experiment: str | None = None) -> tuple[str, str | None]:
     if name is None:
         raise ChainoptError("`export best` needs the experiment: chainopt export best --experiment FILE.toml --out DIR")
     experiment_id, parent = tracking.runs_of(name, uri)
-    best = best_run(tracking.child_rows(experiment_id, parent.info.run_id))
+    best = best_run([r for r in tracking.child_rows(experiment_id, parent.info.run_id) if not r.get("cascade")])
     if best is None:
         raise ChainoptError(f"experiment {name!r} has no scored LLM run to export (baselines and FAILED runs are "
                             "never exported)")

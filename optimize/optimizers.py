@@ -36,13 +36,25 @@ class SettingsSearch(Teleprompter):
     """Searches a program's own settings (k, candidates, agree, ...: its `Tunable` values), which no DSPy
     optimizer reaches, with Optuna on the validation set (the training set when there is none): every
     combination of `space` when there are at most `trials` of them, else `trials` TPE draws. The best
-    accuracy wins; on a tie, the fewest LM tokens per example (so the cheaper program of two equals)."""
+    accuracy wins; on a tie, the fewest LM tokens per example (so the cheaper program of two equals).
+
+    `objective = "seconds_per_success"` trades instead: among the settings within `tolerance` of the best
+    accuracy (0.01: one point), the one whose LM calls took the fewest seconds per successful chain (a
+    cascade's thresholds: tokens of two models cost differently, seconds compare them). An answer from
+    DSPy's response cache counts the seconds its computing call took, so repeated candidates cost alike."""
+
+    OBJECTIVES = ("accuracy", "seconds_per_success")
 
     def __init__(self, metric: Callable, space: dict[str, list[Any]], trials: int = 16, num_threads: int = 8,
-                 seed: int = 0):
+                 seed: int = 0, objective: str = "accuracy", tolerance: float = 0.0):
         if not space or not all(isinstance(v, list) and v for v in space.values()):
             raise ConfigError("settings_search needs space = { <program setting> = [values, ...], ... }")
+        if objective not in self.OBJECTIVES:
+            raise ConfigError(f"settings_search objective {objective!r} is not one of: {', '.join(self.OBJECTIVES)}")
+        if not (isinstance(tolerance, (int, float)) and 0 <= tolerance <= 1):
+            raise ConfigError(f"settings_search tolerance must be a share of accuracy from 0 to 1, got {tolerance!r}")
         self.metric, self.space, self.trials, self.num_threads, self.seed = metric, space, trials, num_threads, seed
+        self.objective, self.tolerance = objective, float(tolerance)
         self.candidate_programs: list[dict[str, Any]] = []
 
     def compile(self, student: dspy.Module, *, trainset: list[dspy.Example],
@@ -68,12 +80,19 @@ class SettingsSearch(Teleprompter):
             with cost.metered(all_threads=True) as tally:
                 score = float(evaluate(candidate).score) / 100
             tokens = tally.usage.tokens / max(1, len(examples))
+            wins = round(score * len(examples))
             self.candidate_programs.append({"score": score, "settings": values, "tokens_per_example": tokens,
+                                            "seconds_per_success": cost.per_success(tally.usage.seconds, wins),
                                             "seed": trial.number})
             return score
 
         study.optimize(objective, n_trials=min(grid, self.trials))
-        best = min(self.candidate_programs, key=lambda c: (-c["score"], c["tokens_per_example"]))
+        if self.objective == "seconds_per_success":
+            top = max(c["score"] for c in self.candidate_programs)
+            near = [c for c in self.candidate_programs if c["score"] >= top - self.tolerance - 1e-9]
+            best = min(near, key=lambda c: (c["seconds_per_success"], -c["score"], c["tokens_per_example"]))
+        else:
+            best = min(self.candidate_programs, key=lambda c: (-c["score"], c["tokens_per_example"]))
         compiled = student.deepcopy()
         compiled.settings.values.update(best["settings"])
         compiled.candidate_programs = sorted(self.candidate_programs, key=lambda c: (-c["score"], c["seed"]))

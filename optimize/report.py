@@ -104,7 +104,7 @@ def gather(experiment: str, uri: str | None = None, unit: str = "seconds") -> di
             "status": parent.info.status, "unit": unit,
             "versions": {k: v for k, v in parent.data.tags.items() if k.endswith((".version", ".commit"))},
             "runs": [{**{k: r[k] for k in ("run_id", "name", "status", "stopped", "program", "optimizer", "model",
-                                           "seed", "accuracy", "cost", "pareto", "metrics", "baseline")},
+                                           "seed", "accuracy", "cost", "pareto", "metrics", "baseline", "cascade")},
                       "break_even": {u: r["metrics"][f"break_even_queries_{u}"] for u in UNITS
                                      if f"break_even_queries_{u}" in r["metrics"]}} for r in rows],
             "priced": priced(rows), "best_run_id": best["run_id"] if best else None,

@@ -338,7 +338,9 @@ def child_rows(experiment_id: str, parent_id: str, cost_metric: str = "seconds_p
         m, p = read_metrics(run), run.data.params
         rows.append({"run_id": run.info.run_id, "name": run.info.run_name, "status": run.info.status,
                      "program": p.get("program.name"), "optimizer": p.get("optimizer.name"),
-                     "model": p.get("model.spec"), "seed": p.get("seed"),
+                     # a cascade (optimize.trial.cascade_params) stands for its models, as one point
+                     "model": p.get("cascade") or p.get("model.spec"), "cascade": bool(p.get("cascade")),
+                     "seed": p.get("seed"),
                      "accuracy": m.get("accuracy"), "cost": m.get(cost_metric), "metrics": m, "params": p,
                      "stopped": run.data.tags.get(TAG_STOPPED, ""), "failed": run.data.tags.get(TAG_FAILED, ""),
                      "baseline": run.data.tags.get(TAG_BASELINE, "")})
@@ -363,12 +365,20 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path, cost_label: str = "secon
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     finite = [r for r in rows if r["cost"] is not None and math.isfinite(r["cost"]) and r["accuracy"] is not None]
     one_program = len({x["program"] for x in rows if not x.get("baseline")}) == 1
+    models = {x["model"] for x in rows if not x.get("baseline") and not x.get("cascade")}
     for r in finite:
-        # A classical baseline is a square named by itself, so the LLM programs' points are read against it.
-        ax.scatter(r["cost"], r["accuracy"], s=70 if r["pareto"] else 35, marker="s" if r.get("baseline") else "o",
-                   c="tab:red" if r["pareto"] else "tab:gray" if r.get("baseline") else "tab:blue", zorder=3)
+        # A classical baseline is a square named by itself, so the LLM programs' points are read against it; a
+        # cascade is a diamond named "cascade", beside its models' own points (named by model when several).
+        ax.scatter(r["cost"], r["accuracy"], s=70 if r["pareto"] else 35,
+                   marker="s" if r.get("baseline") else "D" if r.get("cascade") else "o",
+                   c="tab:red" if r["pareto"] else "tab:gray" if r.get("baseline") else
+                   "tab:purple" if r.get("cascade") else "tab:blue", zorder=3)
         label = (r["program"] if r.get("baseline") else r["optimizer"] if one_program
                  else f"{r['program']}+{r['optimizer']}")
+        if r.get("cascade"):
+            label = f"cascade {label}"
+        elif len(models) > 1 and not r.get("baseline"):
+            label = f"{r['model'].rsplit('/', 1)[-1]} {label}"
         ax.annotate(label, (r["cost"], r["accuracy"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
     front = sorted((r for r in finite if r["pareto"]), key=lambda r: r["cost"])
     if front:

@@ -27,18 +27,23 @@ from optimize.evaluate import ChainRecord, EvalResult, evaluate, find_cause
 from optimize.llm.adapter import CacheFriendlyAdapter
 from optimize.llm.engine import build_lm
 from optimize.llm.models import describe
+from optimize.llm.types import Observer, observe
 from optimize.optimizers import CompileInputs, compile_program, get_optimizer, resolve_settings, trajectory
 from optimize.progress import EvalProgress
 from optimize.progress import phase as timed
 from optimize.registry import Registry
 from programs import PROGRAMS as _PROGRAMS
 from programs import ProgramSpec
-from programs.contract import ProgramError
+from programs.cascade import Cascade
+from programs.contract import ProgramError, hear
 from programs.retrieval import fill_retrievers
 
 Progress = Callable[[str], None]
 PROGRAMS: Registry[ProgramSpec] = Registry("program", _PROGRAMS)
 STOPPED_BY_BUDGET = "run_token_budget"
+
+# A choice's confidence, as the engine reports it, reaches the program that asked (a cascade listens for it).
+observe(Observer(before=lambda: None, after=lambda call: None, heard=hear))
 
 
 def get_program(name: str) -> ProgramSpec:
@@ -74,9 +79,12 @@ def prices(trial: Trial) -> dict[str, float]:
 def identity(trial: Trial) -> str:
     """What makes two trials the same work: the resolved config, the model file's sha256 and the data's
     content hash. A changed GGUF or data file at the same path is a new trial, never a reused one."""
-    blob = json.dumps({"config": trial.config_hash(), "model": describe(trial.model.spec).sha256,
-                       "teacher": describe(trial.optimizer.teacher.spec).sha256 if trial.optimizer.teacher else None,
-                       "data": data_digest(trial.data)}, sort_keys=True)
+    blob = {"config": trial.config_hash(), "model": describe(trial.model.spec).sha256,
+            "teacher": describe(trial.optimizer.teacher.spec).sha256 if trial.optimizer.teacher else None,
+            "data": data_digest(trial.data)}
+    if trial.cascade:  # every model of a cascade, by content
+        blob["cascade"] = [describe(m.spec).sha256 for m in trial.cascade.models]
+    blob = json.dumps(blob, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -163,6 +171,10 @@ def run_trial(trial: Trial, splits: Splits, progress: Progress = lambda s: None,
     opt_settings = resolve_settings(opt_spec, trial.optimizer.settings)
     settings = program_settings(trial, spec)
     model_cfg = trial.model.model_copy(update={"seed": trial.seed})
+    cascade_lms: list[tuple[str, dspy.LM]] = []
+    for cfg in trial.cascade.models[1:] if trial.cascade else ():
+        with timed(f"loading {cfg.spec}", progress, live=live):
+            cascade_lms.append((cfg.spec, build_lm(cfg.model_copy(update={"seed": trial.seed}))))
     with timed(f"loading {model_cfg.spec}", progress, live=live):
         lm = lm or build_lm(model_cfg)
         teacher = build_lm(trial.optimizer.teacher) if trial.optimizer.teacher else lm
@@ -178,6 +190,10 @@ def run_trial(trial: Trial, splits: Splits, progress: Progress = lambda s: None,
         params.update({f"teacher.{k.removeprefix('model.')}": v for k, v in describe(trial.optimizer.teacher.spec)
                        .as_params().items()})
     student = build_program(spec, splits.task, settings)
+    if trial.cascade:
+        student = Cascade(student, [(model_cfg.spec, lm), *cascade_lms], splits.task.answer_field,
+                          **trial.cascade.thresholds())
+        params.update(cascade_params(trial))
     fill_retrievers(student, splits.train)  # retrieval sees the whole training split
     metric = spec.metric(splits.task)
     watts = trial.cost.watts_per_core
@@ -209,12 +225,53 @@ def run_trial(trial: Trial, splits: Splits, progress: Progress = lambda s: None,
                                       progress=progress, live=live, label=f"evaluating {trial.eval.split}")
             metrics.update(evaluated)
             records = result.records
+            if trial.cascade:
+                metrics.update(cascade_metrics(trial, records, compiled))
             stopped = STOPPED_BY_BUDGET if result.stopped_by_budget else ""
     return Outcome(trial, metrics, records, params, program_state(compiled) if compiled_ok else None,
                    {"trial.json": trial.model_dump(mode="json"), "task.json": dataclasses.asdict(splits.task),
                     "trajectory.json": {"optimizer": opt_spec.name, "steps": trajectory(compiled, teleprompter)}},
                    stopped=stopped, failed=too_many_errors(records, trial.eval.max_error_rate),
                    program=compiled if compiled_ok else None)
+
+
+def cascade_params(trial: Trial) -> dict[str, Any]:
+    """What names a cascade's models in its run: `cascade` (the run's model, as the report shows it) and each
+    model's spec and file."""
+    assert trial.cascade is not None
+    params: dict[str, Any] = {"cascade": trial.cascade.name}
+    for n, cfg in enumerate(trial.cascade.models, 1):
+        info = describe(cfg.spec)
+        params.update({f"cascade.model{n}.spec": cfg.spec, f"cascade.model{n}.sha256": info.sha256,
+                       f"cascade.model{n}.quantization": info.quantization})
+    return params
+
+
+def cascade_metrics(trial: Trial, records: list[ChainRecord], program: dspy.Module) -> dict[str, float]:
+    """How a cascade did: its escalation rate, the thresholds it ran with (tuned ones included), and per model
+    (1 = the cheapest) its answers, LM calls, tokens and LM seconds; for the first model, its accuracy and
+    LM seconds per success alone on the same examples (it answers every one of them first)."""
+    assert trial.cascade is not None
+    n = len(records) or 1
+    escalated = [r for r in records if r.escalation]
+    metrics: dict[str, float] = {"escalated": len(escalated), "escalation_rate": len(escalated) / n,
+                                 **{f"cascade.{k}": float(v) for k, v in program.settings.values.items()}}
+    if escalated:
+        metrics["escalated_accuracy"] = sum(r.success for r in escalated) / len(escalated)
+        metrics["escalated_first_accuracy"] = sum(bool(r.first_success) for r in escalated) / len(escalated)
+    for k, cfg in enumerate(trial.cascade.models, 1):
+        used = [u for r in records for key, u in r.by_step.items() if key.startswith(cfg.spec + "/")]
+        seconds = sum(u.seconds for u in used)
+        metrics.update({f"model{k}.answered": sum(r.answered_by == cfg.spec for r in records),
+                        f"model{k}.lm_calls": sum(u.calls for u in used),
+                        f"model{k}.tokens": sum(u.tokens for u in used), f"model{k}.lm_seconds": seconds})
+        if k == 1:
+            wins = sum(bool(r.first_success) for r in records)
+            metrics.update({"model1.accuracy_alone": wins / n,
+                            "model1.lm_seconds_per_success_alone": cost.per_success(seconds, wins)})
+    metrics["lm_seconds_per_success"] = cost.per_success(sum(r.usage.seconds for r in records),
+                                                         sum(r.success for r in records))
+    return metrics
 
 
 def _budget_error(exc: BaseException, run_tally: cost.Tally) -> bool:

@@ -6,6 +6,10 @@
 - `PER_CALL_CHOICES`: the extra a program sets on a `Literal` output field whose choices it narrows on
   every call, so that a prompt-formatting adapter puts them after the call's inputs, not in the shared
   system message (optimize.llm.adapter reads it by this name).
+- `listening()` gathers, for the LM calls made inside it, how sure the model was of each choice it answered
+  (`hear` is what a runner calls with each call's confidence: field, label, probability, margin); a cascade
+  reads it to decide whether to escalate. `stage("model")` prefixes the step labels inside it, so a runner
+  counts a cascade's tokens per model.
 - `OUTPUT_SCHEMA`: the extra a program sets on an output field to hold JSON-schema keywords for it (a
   string's `pattern`, a list's `maxItems`); DSPy builds the response schema from the bare type and drops
   pydantic constraints, so a JSON adapter adds these to the field's schema, and the decoding grammar
@@ -22,6 +26,8 @@ PER_CALL_CHOICES = "per_call_choices"
 OUTPUT_SCHEMA = "output_schema"
 
 _step: contextvars.ContextVar[str] = contextvars.ContextVar("chainopt_step", default="predict")
+_stage: contextvars.ContextVar[str] = contextvars.ContextVar("chainopt_stage", default="")
+_heard: contextvars.ContextVar[list[dict] | None] = contextvars.ContextVar("chainopt_heard", default=None)
 
 
 @contextmanager
@@ -35,8 +41,37 @@ def step(name: str) -> Iterator[None]:
 
 
 def current_step() -> str:
-    """The label of the step the calling code is in ("predict" outside any)."""
-    return _step.get()
+    """The label of the step the calling code is in ("predict" outside any), after its stage and a slash
+    inside a `stage`."""
+    return f"{_stage.get()}/{_step.get()}" if _stage.get() else _step.get()
+
+
+@contextmanager
+def stage(name: str) -> Iterator[None]:
+    """Prefix the step labels of the LM calls made inside the block (a cascade: the model answering)."""
+    token = _stage.set(name)
+    try:
+        yield
+    finally:
+        _stage.reset(token)
+
+
+@contextmanager
+def listening() -> Iterator[list[dict]]:
+    """The confidences of the choices answered by the LM calls made inside the block, in call order."""
+    heard: list[dict] = []
+    token = _heard.set(heard)
+    try:
+        yield heard
+    finally:
+        _heard.reset(token)
+
+
+def hear(confidence: dict) -> None:
+    """A runner tells the innermost `listening` block how sure the model was of a choice it answered."""
+    heard = _heard.get()
+    if heard is not None:
+        heard.append(confidence)
 
 
 class ProgramError(ValueError):

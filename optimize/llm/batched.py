@@ -54,6 +54,7 @@ import numpy as np
 from dspy import lm15
 
 from optimize.errors import ModelError
+from optimize.llm.confidence import ChoiceTracker, vocabulary
 from optimize.llm.raw import Item, RawContext
 from optimize.llm.types import Completion, Generation, settle_choice
 
@@ -102,6 +103,7 @@ class _Slot:
     order: int  # admission order: prompts are computed first come, first served
     output: list[int] = field(default_factory=list)
     logits_row: int = -1  # row of this step's batch whose logits this slot samples from
+    tracker: ChoiceTracker | None = None  # the choice field's deciding steps (optimize.llm.confidence)
 
     @property
     def prompt(self) -> np.ndarray:
@@ -347,8 +349,10 @@ class BatchedBackend:
         if source in self._prefixes:
             self._prefixes.move_to_end(source)
         self._admitted += 1
+        choice = request.job.choice
+        tracker = ChoiceTracker(vocabulary(self.llama), *choice) if choice is not None else None
         self._slots[seq] = _Slot(seq=seq, request=request, reused=reuse, sampler=sampler,
-                                 n_past=reuse, order=self._admitted)
+                                 n_past=reuse, order=self._admitted, tracker=tracker)
 
     def _destination(self, tokens: np.ndarray, reuse: int) -> int:
         """The free slot for a new sequence: beside decoding sequences of the KV class it will decode in, since
@@ -440,6 +444,11 @@ class BatchedBackend:
                 self._finish(slot, error=exc)
 
     def _sample(self, slot: _Slot) -> None:
+        if slot.tracker is not None:
+            logits = np.ctypeslib.as_array(self.lc.llama_get_logits_ith(self.context.ctx, slot.logits_row),
+                                           shape=(self.n_vocab,))
+            slot.tracker.step(self.llama.detokenize(slot.output).decode("utf-8", errors="ignore"), logits,
+                              len(slot.output))
         token = slot.sampler.sample(slot.logits_row)
         if self.lc.llama_vocab_is_eog(self.vocab, token):
             self._finish(slot, reason="stop")
@@ -472,7 +481,9 @@ class BatchedBackend:
         if error is None:
             job = request.job
             text = self.llama.detokenize(slot.output, prev_tokens=list(job.tokens)).decode("utf-8", errors="ignore") + rest
+            confidence = slot.tracker.result(slot.output, text) if slot.tracker is not None else None
             request.result = Completion(text=text, n_prompt=len(job.tokens), n_reused=slot.reused,
-                                        n_output=len(slot.output), finish_reason=reason)  # type: ignore[arg-type]
+                                        n_output=len(slot.output), finish_reason=reason,  # type: ignore[arg-type]
+                                        confidence=confidence)
         request.error = error
         request.done.set()

@@ -187,11 +187,12 @@ class LlamaEngine:
             self.totals = self.totals + call
         for observer in watching:
             observer.after(call)
+        extra = {CONFIDENCE_KEY: done.confidence} if done.confidence is not None else {}
         return Response(id=None, model=request.model, message=Message.assistant([TextPart(done.text)]),
                         finish_reason=done.finish_reason,
                         usage=lm15.Usage(input_tokens=done.n_prompt, output_tokens=done.n_output,
                                          cache_read_tokens=done.n_reused),
-                        provider_data={USAGE_KEY: call.as_dict()})
+                        provider_data={USAGE_KEY: call.as_dict(), **extra})
 
     def stream(self, request: lm15.Request) -> Iterator:
         return lm15.response_to_events(self.complete(request))
@@ -227,20 +228,27 @@ def get_engine(cfg: ModelConfig) -> LlamaEngine:
 
 
 USAGE_KEY = "chainopt.usage"  # the call's Usage, kept with the answer in DSPy's response cache
+CONFIDENCE_KEY = "chainopt.confidence"  # how sure the model was of a choice field's label (kept alike)
 
 
 class LocalLM(dspy.LM):
     """dspy.LM on the engine. A call that DSPy's response cache answers never reaches the engine, so it is
     reported here: the usage recorded with the cached answer is replayed to the observers, marked `cached`,
-    so that a run served from the cache costs what the run that computed the answer paid, not nothing."""
+    so that a run served from the cache costs what the run that computed the answer paid, not nothing.
+    A choice's confidence, computed or cached, is told to the observers that listen for it (`heard`)."""
 
     def update_history(self, entry: dict) -> None:
         response = entry.get("response")
+        data = (response.provider_data or {}) if isinstance(response, Response) else {}
         # DSPy drops the usage of a call it served from its cache (a computed call always has some).
-        if not entry.get("usage") and isinstance(response, Response) and USAGE_KEY in (response.provider_data or {}):
-            replayed = Usage(**{**response.provider_data[USAGE_KEY], "cached": 1})
+        if not entry.get("usage") and USAGE_KEY in data:
+            replayed = Usage(**{**data[USAGE_KEY], "cached": 1})
             for observer in observers():
                 observer.after(replayed)
+        if data.get(CONFIDENCE_KEY) is not None:
+            for observer in observers():
+                if observer.heard is not None:
+                    observer.heard(dict(data[CONFIDENCE_KEY]))
         super().update_history(entry)
 
 

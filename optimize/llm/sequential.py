@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 
+from optimize.llm.confidence import ChoiceTracker, vocabulary
 from optimize.llm.types import Completion, Generation
 
 
@@ -33,15 +34,29 @@ class SequentialBackend:
 
         grammar = LlamaGrammar.from_string(job.grammar, verbose=False) if job.grammar else None
         tokens = list(job.tokens)
+        tracker = ChoiceTracker(vocabulary(self.llama), *job.choice) if job.choice is not None else None
+        output: list[int] = []
+
+        def watch(input_ids, logits):
+            """A logits processor that changes nothing: it hands each step's raw logits to the tracker."""
+            output[:] = [int(t) for t in input_ids[len(tokens):]]
+            tracker.step(self.llama.detokenize(output).decode("utf-8", errors="ignore"), logits, len(output))
+            return logits
+
         with self.lock:
             reused = max(0, self._reusable_prefix(tokens))
             out = self.llama.create_completion(
                 prompt=tokens, max_tokens=job.max_tokens, temperature=job.temperature, seed=job.seed,
-                top_p=job.top_p, top_k=job.top_k, min_p=0.0, repeat_penalty=1.0, grammar=grammar)
+                top_p=job.top_p, top_k=job.top_k, min_p=0.0, repeat_penalty=1.0, grammar=grammar,
+                logits_processor=[watch] if tracker is not None else None)
+            if tracker is not None:  # the last token, sampled after the last look at the logits
+                output[:] = [int(t) for t in self.llama._input_ids[len(tokens):]]
         choice = out["choices"][0]
+        confidence = tracker.result(output, choice["text"]) if tracker is not None else None
         return Completion(text=choice["text"], n_prompt=len(tokens), n_reused=reused,
                           n_output=out["usage"]["completion_tokens"],
-                          finish_reason="length" if choice["finish_reason"] == "length" else "stop")
+                          finish_reason="length" if choice["finish_reason"] == "length" else "stop",
+                          confidence=confidence)
 
     def close(self) -> None:
         self.llama.close()

@@ -35,6 +35,8 @@ class Completion:
     n_reused: int
     n_output: int
     finish_reason: Literal["stop", "length"]
+    # How sure the model was of the choice field's label (optimize.llm.confidence): probability, margin.
+    confidence: dict | None = None
 
 
 class Backend(Protocol):
@@ -74,10 +76,12 @@ class Usage:
 @dataclass(frozen=True)
 class Observer:
     """Told about every LM call: `before` may refuse it by raising; `after` gets what it spent (and may
-    raise too: a ceiling crossed by this very call)."""
+    raise too: a ceiling crossed by this very call); `heard`, if set, gets a choice's confidence."""
 
     before: Callable[[], None]
     after: Callable[[Usage], None]
+    # Told, in the calling thread, how sure the model was of a choice it answered (a computed or a cached call).
+    heard: Callable[[dict], None] | None = None
 
 
 _observers: list[Observer] = []
