@@ -290,16 +290,30 @@ def log_program_model(folder: Path, serving: Path, examples: list[dict[str, Any]
     frame = pd.DataFrame(examples)
     artifacts = {"export": str(folder), **({"gguf": str(model_file)} if model_file else {})}
     with warnings_quiet():
-        logged = mlflow.pyfunc.log_model(
-            name=MODEL_NAME, python_model=str(serving), artifacts=artifacts,
-            signature=infer_signature(frame, list(answers)), input_example=frame,
-            pip_requirements=requirements, prompts=list(prompts) or None)
+        # mlflow.pyfunc.log_model, less its check of the input example, which would load the GGUF and run the
+        # program on it once more (6-18 s for the first run of a process here); the run has just scored it.
+        logged = mlflow.models.Model.log(
+            artifact_path=None, name=MODEL_NAME, flavor=_UncheckedPyfunc, flavor_name="pyfunc.ModelFromCode",
+            python_model=str(serving), artifacts=artifacts, signature=infer_signature(frame, list(answers)),
+            input_example=frame, pip_requirements=requirements, prompts=list(prompts) or None,
+            validate_serving_input=False)
     for key in MODEL_METRICS:
         value = metrics.get(key)
         if isinstance(value, (int, float)) and math.isfinite(value):
             mlflow.log_metric(key, float(value), model_id=logged.model_id, dataset=eval_dataset)
     mlflow.set_tag(TAG_MODEL_ID, logged.model_id)
     return logged.model_id
+
+
+class _UncheckedPyfunc:
+    """mlflow.pyfunc as the flavor `mlflow.models.Model.log` saves with, taking Model.log's own
+    `validate_serving_input` switch (which mlflow.pyfunc.save_model refuses as an unknown argument)."""
+
+    __name__ = "mlflow.pyfunc"
+
+    @staticmethod
+    def save_model(validate_serving_input: bool = True, **kwargs: Any) -> Any:
+        return mlflow.pyfunc.save_model(**kwargs)
 
 
 @contextlib.contextmanager
