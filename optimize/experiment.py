@@ -141,6 +141,8 @@ def run_experiment(exp: Experiment, source: Path | None = None, progress: Progre
                 datasets = tracking.log_datasets(data_slices(trial, splits, retrieves=not baseline and retrieves(trial, splits)))
                 outcome = (baselines.run_baseline(trial, splits) if baseline
                            else run_trial(trial, splits, lambda s: progress(f"    {s}"), live))
+                if exp.tracking.traces and not baseline:
+                    tracking.log_chain_traces(outcome.records, exp.tracking.trace_examples, trial.program.name)
                 tracking.record_trial(outcome)
                 if not baseline and not outcome.failed:
                     export.log_run_model(outcome, splits, run_id, experiment_file=source_text,

@@ -84,3 +84,61 @@ def test_prompts_get_a_new_version_only_when_the_text_changes_and_are_linked_to_
     latest = client.load_prompt(f"prompts:/{name}@latest")
     assert latest.template.startswith("Classify the customer's request.\n\nDemos (1):")
     assert 'query: "card lost"; intent: "lost_card"' in latest.template and "x-1" not in latest.template
+
+
+def _record(index: int, error: str | None = None):
+    from optimize.evaluate import ChainRecord
+    from optimize.llm.types import Usage
+
+    return ChainRecord(index=index, example_id=f"x-{index}", inputs={"query": f"q{index}"}, gold="lost_card",
+                       predicted=None if error else "lost_card", success=not error, score=0.0 if error else 1.0,
+                       steps=2, validator_failures=1, retries=1, error=error,
+                       usage=Usage(input_computed=30, input_reused=70, output=9, calls=2, seconds=0.2),
+                       by_step={"classify": Usage(20, 50, 5, 1, seconds=0.1), "check": Usage(10, 20, 4, 1, seconds=0.1)},
+                       seconds=0.25)
+
+
+def test_traces_are_one_per_chain_for_the_sample_with_each_steps_tokens_and_the_verdict(mlflow_store):
+    """Fails if more chains than the sample are traced, if a trace is not in the run, or if its root span lacks
+    the verdict or its step spans the tokens computed, reused and generated."""
+    experiment_id = tracking.setup("records-traces", mlflow_store)
+    records = [_record(i) for i in (3, 0, 2)] + [_record(1, error="parse failure")]
+    with mlflow.start_run(experiment_id=experiment_id) as run:
+        assert tracking.log_chain_traces(records, 2, "intent.chain") == 2
+    traces = mlflow.search_traces(locations=[experiment_id], run_id=run.info.run_id, return_type="list")
+    assert len(traces) == 2
+    by_name = {t.data.spans[0].name if t.data.spans[0].parent_id is None else None: t for t in traces}
+    assert set(by_name) == {"intent.chain x-0", "intent.chain x-1"}  # the first two by index
+    failed = by_name["intent.chain x-1"]
+    assert failed.info.state.value == "ERROR"
+    root = next(s for s in failed.data.spans if s.parent_id is None)
+    assert root.attributes["chainopt.error"] == "parse failure" and root.attributes["chainopt.success"] is False
+    steps = {s.name: s for s in failed.data.spans if s.parent_id is not None}
+    assert sorted(steps) == ["check", "classify"]
+    assert (steps["classify"].attributes["chainopt.input_tokens_computed"],
+            steps["classify"].attributes["chainopt.input_tokens_reused"],
+            steps["classify"].attributes["chainopt.output_tokens"]) == (20, 50, 5)
+
+
+def test_the_logged_model_names_the_gguf_and_copies_it_only_when_asked(mlflow_store, tmp_path):
+    """Fails if the GGUF is copied into the logged model by default, or not copied with model_file = true
+    (`gguf` artifact, which optimize/serving.py loads instead of the spec), or if the model lacks its signature
+    or requirements. (No GGUF is loaded: the folder and the file are stand-ins.)"""
+    from optimize.export import SERVING
+
+    experiment_id = tracking.setup("records-model", mlflow_store)
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "manifest.json").write_text('{"model": {"sha256": "abc"}}')
+    gguf = tmp_path / "stand-in.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(1000))
+    copied = {}
+    for model_file in (None, gguf):
+        with mlflow.start_run(experiment_id=experiment_id):
+            model_id = tracking.log_program_model(folder, SERVING, [{"query": "a"}, {"query": "b"}], ["x", "y"],
+                                                  tracking.requirements(), {"accuracy": 0.5}, model_file=model_file)
+        local = mlflow.artifacts.download_artifacts(f"models:/{model_id}", dst_path=str(tmp_path / model_id))
+        meta = mlflow.models.Model.load(local)
+        assert meta.signature is not None and "chainopt==" in (tmp_path / model_id / "requirements.txt").read_text()
+        copied[model_file is not None] = sorted(p.name for p in (tmp_path / model_id).rglob("*.gguf"))
+    assert copied == {False: [], True: ["stand-in.gguf"]}
