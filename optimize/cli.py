@@ -191,7 +191,9 @@ def cmd_compare(args, out: Output) -> int:
 
 def cmd_export(args, out: Output) -> int:
     from optimize.export import export_run, pick_run
+    from optimize.tracking import show_mlflow_chatter
 
+    show_mlflow_chatter(args.verbose)  # "Successfully registered model …" and MLflow's warnings: with -v only
     run_id, uri = pick_run(args.run, args.experiment)
     manifest = export_run(run_id, Path(args.out), register=not args.no_register, uri=uri)
     reg = manifest.get("registered")

@@ -26,6 +26,7 @@ import mlflow
 from filelock import FileLock
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
+from mlflow.utils.logging_utils import disable_logging, enable_logging
 
 import optimize
 from optimize import cost
@@ -456,6 +457,12 @@ def experiment_file(run: Run) -> str | None:
         if parent else []
     local = download(parent, logged[0]) if logged else None
     return local.read_text(encoding="utf-8") if local else None
+
+
+def show_mlflow_chatter(shown: bool) -> None:
+    """Turn on or off what MLflow prints to a stderr stream of its own (registry notices, its loggers'
+    warnings): chainopt reports results itself, and `-v` shows the rest."""
+    (enable_logging if shown else disable_logging)()
 
 
 def register_export(folder: Path, manifest: dict[str, Any], serving: Path, model_id: str | None = None) -> dict[str, str]:

@@ -127,6 +127,18 @@ def test_the_registered_model_loads_and_answers_in_a_fresh_process(exported, roo
     assert served == [a["intent"] for a in exported["answers"]]
 
 
+def test_export_prints_its_result_and_no_mlflow_notices_unless_verbose(exported, tmp_path, capfd):
+    """MLflow prints "Successfully registered model …" and "Created version …" to stderr. Fails if that
+    reaches the terminal without -v, or if -v does not show it."""
+    run_id = exported["run"].info.run_id
+    assert main(["export", run_id, "--out", str(tmp_path / "quiet")]) == 0
+    captured = capfd.readouterr()
+    assert "registered as MLflow model" in captured.out
+    assert "Successfully registered" not in captured.err and "Created version" not in captured.err
+    assert main(["export", run_id, "--out", str(tmp_path / "verbose"), "-v"]) == 0
+    assert "Created version" in capfd.readouterr().err
+
+
 def test_predict_keeps_dspys_compile_chatter_to_itself(exported, tmp_path, capfd):
     """A KNN program compiles a BootstrapFewShot at every call and DSPy prints 'Bootstrapped 0 full traces…'
     each time. Fails if that reaches the terminal without -v."""

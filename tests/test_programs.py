@@ -63,7 +63,7 @@ MATH_POOL = [dspy.Example(question=q, answer=a, equation=e).with_inputs("questio
 def build(name: str, task: Task, **settings):
     """A program as the pipeline builds it: settings applied, retrieval steps filled with a training pool."""
     program = get_program(name).build(task, **settings)
-    fill_retrievers(program, POOL if task.kind == "intent" else MATH_POOL)
+    fill_retrievers(program, MATH_POOL if task.kind == "math" else POOL)
     return program
 
 
