@@ -4,8 +4,9 @@ An export is a folder: `program.json` (DSPy's JSON state, never a pickle), `mani
 task, model identity, the data read and its content hash, measured metrics, versions), `eval.jsonl` (the
 exact slice it was scored on, so `chainopt predict` can show the accuracy is reproduced) and, for a
 `knn_fewshot` program, `pool.jsonl` (the training pool its demos are retrieved from): loading it never
-reads the dataset. It is also registered in the MLflow model registry as a pyfunc model built from code
-(optimize/serving.py) carrying the whole folder, with the metrics as tags.
+reads the dataset. The same folder is the artifact of the pyfunc model (built from code, optimize/serving.py)
+that each run logs (`log_run_model`); `chainopt export` registers that model in the MLflow model registry,
+with the metrics as tags.
 """
 
 from __future__ import annotations
