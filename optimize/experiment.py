@@ -138,7 +138,8 @@ def run_experiment(exp: Experiment, source: Path | None = None, progress: Progre
             if splits.skipped:
                 progress(f"    {splits.skipped} malformed row(s) skipped (data.skip_malformed)")
             with tracking.child_run(experiment_id, name, key, baseline) as run_id:
-                datasets = tracking.log_datasets(data_slices(trial, splits, retrieves=not baseline and retrieves(trial, splits)))
+                pool = not baseline and retrieves(trial, splits)
+                datasets = tracking.log_datasets(data_slices(trial, splits, retrieves=pool))
                 outcome = (baselines.run_baseline(trial, splits) if baseline
                            else run_trial(trial, splits, lambda s: progress(f"    {s}"), live))
                 if exp.tracking.traces and not baseline:

@@ -465,7 +465,8 @@ def show_mlflow_chatter(shown: bool) -> None:
     (enable_logging if shown else disable_logging)()
 
 
-def register_export(folder: Path, manifest: dict[str, Any], serving: Path, model_id: str | None = None) -> dict[str, str]:
+def register_export(folder: Path, manifest: dict[str, Any], serving: Path,
+                    model_id: str | None = None) -> dict[str, str]:
     """Register an export in the model registry as a model version, its metrics (accuracy, cost per success)
     as tags. The version is the run's own logged model (`model_id`, logged when the run was recorded);
     a run recorded before runs logged one gets a pyfunc model logged now (from code, no pickle) whose

@@ -3,7 +3,8 @@
 Runs the tiny real experiment (tests/data/tiny.toml) once for the module, then checks that MLflow's UI lists
 the runs with their accuracy and cost-per-success values and, for each child, its datasets (name and digest)
 and logged model; that a run page shows its datasets, logged model and registered prompt; that it shows the
-Pareto plot artifact, and that the `chainopt report` page renders its plot. Screenshots are kept in reports/screenshots/.
+Pareto plot artifact, and that the `chainopt report` page renders its plot.
+Screenshots are kept in reports/screenshots/.
 A missing Chromium or Playwright fails these tests (it never skips them): `make install` provides both.
 """
 

@@ -94,7 +94,8 @@ def _record(index: int, error: str | None = None):
                        predicted=None if error else "lost_card", success=not error, score=0.0 if error else 1.0,
                        steps=2, validator_failures=1, retries=1, error=error,
                        usage=Usage(input_computed=30, input_reused=70, output=9, calls=2, seconds=0.2),
-                       by_step={"classify": Usage(20, 50, 5, 1, seconds=0.1), "check": Usage(10, 20, 4, 1, seconds=0.1)},
+                       by_step={"classify": Usage(20, 50, 5, 1, seconds=0.1),
+                                "check": Usage(10, 20, 4, 1, seconds=0.1)},
                        seconds=0.25)
 
 
