@@ -105,6 +105,11 @@ class CostConfig(Section):
 class TrackingConfig(Section):
     uri: str | None = Field(None, description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI or the project store")
     experiment: str | None = None
+    model_file: bool = Field(False, description="copy the GGUF into each run's logged MLflow model (by default "
+                             "the model names it by sha256 and loads it from where chainopt finds it)")
+    traces: bool = Field(False, description="record an MLflow trace per evaluated chain for a sample of examples")
+    trace_examples: int = Field(10, ge=1, description="how many examples of each run are traced (the first, by "
+                                "index), when traces = true")
 
 
 class EvalConfig(Section):

@@ -213,6 +213,18 @@ def load_splits(cfg: DataConfig) -> Splits:
     return Splits(task, _examples(train, task), _examples(dev, task), _examples(test, task))
 
 
+def split_source(cfg: DataConfig, split: str) -> str:
+    """Where a split's rows were read from, for the record: a user's file (or hf:<dataset>) as resolved, or
+    the vendored file of a named dataset (dev comes from its train file; a carved test from it too)."""
+    if cfg.train_path and cfg.test_path:
+        return cfg.test_path if split == "test" else cfg.train_path
+    if cfg.files():
+        return cfg.path or ""
+    spec = get_dataset(cfg.dataset)
+    raw = split if split in spec.files else "train"
+    return str(DATA_DIR / spec.files[raw])
+
+
 def data_digest(cfg: DataConfig) -> str:
     """The content hash of the files a DataConfig reads: changed data at the same path is other data.
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from optimize import baselines, tracking
+from optimize import baselines, export, tracking
 from optimize.tracking import TrialResult
-from optimize.config import Experiment
-from optimize.data import Task, load_splits
+from optimize.config import Experiment, Trial
+from optimize.data import Splits, Task, load_splits, split_source
 from optimize.errors import ChainoptError, ConfigError
 from optimize.interrupts import stop_on
 from optimize.llm.engine import count_tokens
@@ -123,6 +123,7 @@ def run_experiment(exp: Experiment, source: Path | None = None, progress: Progre
     previous = tracking.children(experiment_id, parent.info.run_id) if parent else []
     tracking.mark_killed(previous)  # a run left RUNNING was killed without a chance to say so (SIGKILL)
     results: list[TrialResult] = []
+    source_text = source.read_text(encoding="utf-8") if source is not None else None
     with stop_on(signal.SIGTERM), tracking.parent_run(experiment_id, exp, ehash, parent, source) as parent_id:
         # (trial, baseline name): the sweep's combinations, then each classical baseline ("" for none)
         work = [(trial, "") for trial in exp.combinations()]
@@ -142,9 +143,17 @@ def run_experiment(exp: Experiment, source: Path | None = None, progress: Progre
             if splits.skipped:
                 progress(f"    {splits.skipped} malformed row(s) skipped (data.skip_malformed)")
             with tracking.child_run(experiment_id, name, key, baseline) as run_id:
+                pool = not baseline and retrieves(trial, splits)
+                datasets = tracking.log_datasets(data_slices(trial, splits, retrieves=pool))
                 outcome = (baselines.run_baseline(trial, splits) if baseline
                            else run_trial(trial, splits, lambda s: progress(f"    {s}"), live))
+                if exp.tracking.traces and not baseline:
+                    tracking.log_chain_traces(outcome.records, exp.tracking.trace_examples, trial.program.name)
                 tracking.record_trial(outcome)
+                if not baseline and not outcome.failed:
+                    export.log_run_model(outcome, splits, run_id, experiment_file=source_text,
+                                         eval_dataset=datasets.get("eval"),
+                                         copy_model_file=exp.tracking.model_file)
             if outcome.failed:
                 progress(f"    FAILED: {outcome.failed}")
             results.append(TrialResult(trial, run_id, outcome.metrics, stopped=outcome.stopped,
@@ -153,3 +162,33 @@ def run_experiment(exp: Experiment, source: Path | None = None, progress: Progre
             result.metrics.update(tracking.log_break_even(result, results))
         tracking.mark_pareto(experiment_id, parent_id)
         return ExperimentResult(exp, experiment_id, parent_id, results, tracking.tracking_uri(exp.tracking.uri))
+
+
+CONTEXTS = {"train": "training", "dev": "validation", "test": "test"}
+
+
+def data_slices(trial: Trial, splits: Splits, *, retrieves: bool = False) -> list[tracking.DataSlice]:
+    """The slices a trial reads, for the run's dataset inputs: the examples optimizers compile on
+    (`training`), the other splits (`validation`, `test`; the one scored is `eval`) and, for a program that
+    retrieves (or KNN demos), the whole training split it retrieves from (`retrieval`)."""
+    cfg, name = trial.data, splits.task.name
+    compile_train = splits.train[:cfg.compile_train] if cfg.compile_train else splits.train
+    parts = [("train", compile_train), ("dev", splits.dev), ("test", splits.test)]
+    slices = [tracking.DataSlice(f"{name}.{split}", [dict(ex) for ex in rows], split_source(cfg, split),
+                                 "eval" if split == trial.eval.split else CONTEXTS[split], splits.task.answer_field)
+              for split, rows in parts]
+    if retrieves:
+        slices.append(tracking.DataSlice(f"{name}.train.pool", [dict(ex) for ex in splits.train],
+                                         split_source(cfg, "train"), "retrieval", splits.task.answer_field))
+    return slices
+
+
+def retrieves(trial: Trial, splits: Splits) -> bool:
+    """Whether the trial's program retrieves from the training split (a retrieval step, or KNN demos)."""
+    if trial.optimizer.name == "knn_fewshot":
+        return True
+    spec = get_program(trial.program.name)
+    try:
+        return bool(retrievers(build_program(spec, splits.task, program_settings(trial, spec))))
+    except ChainoptError:
+        return False

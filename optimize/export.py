@@ -4,27 +4,32 @@ An export is a folder: `program.json` (DSPy's JSON state, never a pickle), `mani
 task, model identity, the data read and its content hash, measured metrics, versions), `eval.jsonl` (the
 exact slice it was scored on, so `chainopt predict` can show the accuracy is reproduced) and, for a
 `knn_fewshot` program, `pool.jsonl` (the training pool its demos are retrieved from): loading it never
-reads the dataset. It is also registered in the MLflow model registry as a pyfunc model built from code
-(optimize/serving.py) carrying the whole folder, with the metrics as tags.
+reads the dataset. The same folder is the artifact of the pyfunc model (built from code, optimize/serving.py)
+that each run logs (`log_run_model`); `chainopt export` registers that model in the MLflow model registry,
+with the metrics as tags.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import tempfile
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dspy
 
 from optimize import tracking
 from optimize.config import ModelConfig, Trial
-from optimize.data import Row, Task, data_digest, load_splits
+from optimize.data import Row, Splits, Task, data_digest, load_splits
 from optimize.errors import ChainoptError, DataError, ModelError
 from optimize.llm.models import describe
+
+if TYPE_CHECKING:
+    from optimize.trial import Outcome
 
 MANIFEST = "manifest.json"
 PROGRAM = "program.json"
@@ -52,33 +57,77 @@ def export_run(run_id: str, out: Path, *, register: bool = True, uri: str | None
             raise ChainoptError(f"run {run_id} is a cascade over {len(trial.cascade.models)} models; an export holds "
                                 "one program on one model: export the single-model run of its program instead")
         task = json.loads((staging / "task.json").read_text())
-        info = describe(trial.model.spec)
         digest = unchanged_digest(trial, run.data.params.get("data.digest"), run_id)
-        splits = load_splits(trial.data)
-        examples = getattr(splits, trial.eval.split)
-        write_jsonl(staging / EVAL_SLICE, examples)
-        if trial.optimizer.name == "knn_fewshot":
-            write_jsonl(staging / POOL, splits.train)  # the pool its demos are retrieved from (trial.run_trial)
-        manifest = {
-            "program": trial.program.model_dump(), "task": task, "model": {**trial.model.model_dump(),
-                                                                          "name": info.name, "sha256": info.sha256,
-                                                                          "quantization": info.quantization,
-                                                                          "size_bytes": info.size_bytes},
-            "optimizer": trial.optimizer.model_dump(exclude={"teacher"}),
-            "data": data_section(trial, len(examples), digest=digest, given=given_paths(tracking.experiment_file(run))),
-            "metrics": {k: v for k, v in tracking.read_metrics(run).items() if k in REPORTED},
-            "run_id": run_id, "experiment": trial.experiment, "config_hash": trial.config_hash(),
-            "versions": {k: v for k, v in run.data.tags.items() if k.endswith(".version") or k == "git.commit"},
-        }
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
         (staging / "trial.json").unlink()
         (staging / "task.json").unlink()
+        manifest = write_folder(staging, trial, task, load_splits(trial.data), run_id=run_id, digest=digest,
+                                metrics=tracking.read_metrics(run), tags=run.data.tags,
+                                experiment_file=tracking.experiment_file(run))
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(staging, out, dirs_exist_ok=True)
     if register:
-        manifest["registered"] = tracking.register_export(out, manifest, Path(__file__).with_name("serving.py"))
+        manifest["registered"] = tracking.register_export(out, manifest, SERVING,
+                                                          run.data.tags.get(tracking.TAG_MODEL_ID))
         (out / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
     return manifest
+
+
+SERVING = Path(__file__).with_name("serving.py")  # the pyfunc model, defined as code
+
+
+def write_folder(folder: Path, trial: Trial, task: dict[str, Any], splits: Splits, *, run_id: str, digest: str,
+                 metrics: dict[str, float], tags: dict[str, str], experiment_file: str | None,
+                 program_state: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Fill an export folder (program.json, unless `program_state` is given, is there already): the slice
+    scored, a KNN program's pool, and the manifest, which it returns."""
+    if program_state is not None:
+        (folder / PROGRAM).write_text(json.dumps(program_state, indent=1, default=str))
+    info = describe(trial.model.spec)
+    examples = getattr(splits, trial.eval.split)
+    write_jsonl(folder / EVAL_SLICE, examples)
+    if trial.optimizer.name == "knn_fewshot":
+        write_jsonl(folder / POOL, splits.train)  # the pool its demos are retrieved from (trial.run_trial)
+    manifest = {
+        "program": trial.program.model_dump(), "task": task, "model": {**trial.model.model_dump(),
+                                                                      "name": info.name, "sha256": info.sha256,
+                                                                      "quantization": info.quantization,
+                                                                      "size_bytes": info.size_bytes},
+        "optimizer": trial.optimizer.model_dump(exclude={"teacher"}),
+        "data": data_section(trial, len(examples), digest=digest, given=given_paths(experiment_file)),
+        "metrics": {k: v for k, v in metrics.items() if k in REPORTED},
+        "run_id": run_id, "experiment": trial.experiment, "config_hash": trial.config_hash(),
+        "versions": {k: v for k, v in tags.items() if k.endswith(".version") or k == "git.commit"},
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+    return manifest
+
+
+def log_run_model(outcome: "Outcome", splits: Splits, run_id: str, *, experiment_file: str | None = None,
+                  eval_dataset: Any = None, copy_model_file: bool = False) -> str | None:
+    """Record a finished trial's compiled program with its (active) run: each predictor's instruction and
+    demos in the Prompt Registry, and the program as an MLflow logged model (pyfunc) whose artifact is the
+    same folder `chainopt export` writes, linked to those prompts. Returns the model id (None when the
+    trial compiled nothing)."""
+    if outcome.program_state is None:
+        return None
+    trial = outcome.trial
+    prompts = tracking.register_prompts(tracking.predictor_prompts(outcome.program_state), trial.experiment,
+                                        trial.program.name, run_id)
+    examples = getattr(splits, trial.eval.split)[:2]
+    if not examples:
+        return None
+    inputs = [{field: ex[field] for field in splits.task.input_fields} for ex in examples]
+    answers = [ex[splits.task.answer_field] for ex in examples]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "export"
+        folder.mkdir()
+        write_folder(folder, trial, outcome.artifacts.get("task.json") or dataclasses.asdict(splits.task), splits,
+                     run_id=run_id, digest=outcome.params.get("data.digest") or data_digest(trial.data),
+                     metrics=outcome.metrics, tags=tracking.versions(), experiment_file=experiment_file,
+                     program_state=outcome.program_state)
+        model_file = describe(trial.model.spec).path if copy_model_file else None
+        return tracking.log_program_model(folder, SERVING, inputs, answers, tracking.requirements(),
+                                          outcome.metrics, prompts, eval_dataset, model_file)
 
 
 def pick_run(run: str, experiment: str | None = None) -> tuple[str, str | None]:

@@ -4,7 +4,10 @@
 task's input columns and returns the answers, run on the local GGUF model the export names.
 """
 
+import os
 from pathlib import Path
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # offline by design: no usage pings
 
 import dspy
 import mlflow
@@ -16,7 +19,8 @@ class ChainoptProgram(mlflow.pyfunc.PythonModel):
         from optimize.llm.engine import build_lm
         from optimize.export import load_export
 
-        self.exported = load_export(Path(context.artifacts["export"]))
+        # The GGUF is found by its spec and checked by sha256, unless the model carries its own copy.
+        self.exported = load_export(Path(context.artifacts["export"]), model_spec=context.artifacts.get("gguf"))
         self.lm = build_lm(self.exported.model)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> list:

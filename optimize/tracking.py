@@ -15,9 +15,12 @@ import os
 import sqlite3
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # offline by design: no usage pings
 
 import mlflow
 from filelock import FileLock
@@ -41,6 +44,11 @@ TAG_STOPPED = "chainopt.stopped"
 TAG_FAILED = "chainopt.failed"
 TAG_PARETO = "chainopt.pareto"
 TAG_BASELINE = "chainopt.baseline"  # on a classical baseline's child: its name (optimize.baselines)
+TAG_MODEL_ID = "chainopt.model_id"  # on a child: the id of its logged model (the compiled program)
+MODEL_NAME = "program"  # the logged model's name within its run
+# Metrics also logged against the logged model (and the evaluated dataset), so the model page shows them.
+MODEL_METRICS = ("accuracy", "f1", "tokens_per_success", "seconds_per_success", "joules_per_success",
+                 "usd_per_success")
 
 
 @dataclass
@@ -189,6 +197,185 @@ def record_trial(outcome: "Outcome") -> None:
         mlflow.end_run(status="FAILED")
 
 
+@dataclass
+class DataSlice:
+    """One slice of data a child run read: its rows (plain dicts), where they came from, and its role."""
+
+    name: str  # e.g. "banking77.train"
+    rows: list[dict[str, Any]]
+    source: str  # a file path (or hf:<dataset>)
+    context: str  # MLflow's input context: "training", "validation", "eval", "retrieval"
+    targets: str | None = None  # the gold answer's column
+
+
+def log_datasets(slices: list[DataSlice]) -> dict[str, Any]:
+    """Log each non-empty slice as an MLflow dataset input of the active run (name, digest of its content,
+    source, schema, context), so the runs table's Datasets column and the run page show the data. Returns
+    the logged MLflow datasets by context."""
+    import pandas as pd
+
+    logged = {}
+    for piece in slices:
+        if not piece.rows:
+            continue
+        frame = pd.DataFrame(piece.rows)
+        with warnings_quiet():  # "source can be interpreted in multiple ways": a local file, either way
+            try:
+                dataset = mlflow.data.from_pandas(frame, source=piece.source, name=piece.name, targets=piece.targets)
+            except Exception:  # a column MLflow cannot type (mixed values): recorded as JSON text
+                frame = frame.map(lambda v: v if isinstance(v, str) else json.dumps(v, default=str))
+                dataset = mlflow.data.from_pandas(frame, source=piece.source, name=piece.name,
+                                                  targets=piece.targets)
+        mlflow.log_input(dataset, context=piece.context)
+        logged[piece.context] = dataset
+    return logged
+
+
+def predictor_prompts(program_state: dict[str, Any]) -> dict[str, str]:
+    """Each predictor's final instruction and a summary of its demos, from DSPy's JSON state of the compiled
+    program (a predictor's entry holds `signature.instructions` and `demos`), as one text per predictor."""
+    prompts = {}
+    for name, value in program_state.items():
+        if not isinstance(value, dict) or not isinstance(value.get("signature"), dict):
+            continue
+        text = str(value["signature"].get("instructions", "")).strip()
+        demos = value.get("demos") or []
+        if demos:
+            lines = []
+            for demo in demos[:8]:
+                shown = "; ".join(f"{k}: {json.dumps(v, default=str)[:80]}" for k, v in demo.items()
+                                  if k != "id" and not k.startswith(("augmented", "dspy_")))
+                lines.append(f"- {shown}")
+            more = f"\n... and {len(demos) - 8} more" if len(demos) > 8 else ""
+            text += f"\n\nDemos ({len(demos)}):\n" + "\n".join(lines) + more
+        prompts[name] = text
+    return prompts
+
+
+def prompt_name(experiment: str, program: str, predictor: str) -> str:
+    """A registry name: letters, digits, '-', '_' and '.' only."""
+    raw = f"chainopt-{experiment}-{program}-{predictor}"
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in raw)
+
+
+def register_prompts(texts: dict[str, str], experiment: str, program: str, run_id: str) -> list[Any]:
+    """Register each predictor's text in MLflow's Prompt Registry (a new version only when the text differs
+    from the latest version's) and link each version to the run; returns the prompt versions."""
+    client = MlflowClient()
+    versions = []
+    for predictor, text in texts.items():
+        name = prompt_name(experiment, program, predictor)
+        latest = None
+        with contextlib.suppress(Exception):  # no prompt of that name yet
+            latest = client.load_prompt(f"prompts:/{name}@latest")
+        if latest is None or latest.template != text:
+            latest = mlflow.genai.register_prompt(
+                name=name, template=text, commit_message=f"run {run_id}",
+                tags={"chainopt.program": program, "chainopt.predictor": predictor, "chainopt.run_id": run_id})
+        client.link_prompt_version_to_run(run_id, latest)
+        versions.append(latest)
+    return versions
+
+
+def log_program_model(folder: Path, serving: Path, examples: list[dict[str, Any]], answers: list[Any],
+                      requirements: list[str], metrics: dict[str, float], prompts: list[Any] = (),
+                      eval_dataset: Any = None, model_file: Path | None = None) -> str:
+    """Log the compiled program with the active run as an MLflow 3 logged model, pyfunc flavor built from
+    code (optimize/serving.py, nothing pickled): `folder` (an export folder) is its artifact, its signature
+    and input example come from evaluated `examples` and their `answers` (no model call at logging time), it
+    is linked to the prompt versions, and `metrics` are logged against it. The GGUF is named in the folder's
+    manifest by sha256; its file is copied into the model only when `model_file` is given. Returns the
+    model's id (also the run's chainopt.model_id tag)."""
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    frame = pd.DataFrame(examples)
+    artifacts = {"export": str(folder), **({"gguf": str(model_file)} if model_file else {})}
+    with warnings_quiet():
+        # mlflow.pyfunc.log_model, less its check of the input example, which would load the GGUF and run the
+        # program on it once more (6-18 s for the first run of a process here); the run has just scored it.
+        logged = mlflow.models.Model.log(
+            artifact_path=None, name=MODEL_NAME, flavor=_UncheckedPyfunc, flavor_name="pyfunc.ModelFromCode",
+            python_model=str(serving), artifacts=artifacts, signature=infer_signature(frame, list(answers)),
+            input_example=frame, pip_requirements=requirements, prompts=list(prompts) or None,
+            validate_serving_input=False)
+    for key in MODEL_METRICS:
+        value = metrics.get(key)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            mlflow.log_metric(key, float(value), model_id=logged.model_id, dataset=eval_dataset)
+    mlflow.set_tag(TAG_MODEL_ID, logged.model_id)
+    return logged.model_id
+
+
+class _UncheckedPyfunc:
+    """mlflow.pyfunc as the flavor `mlflow.models.Model.log` saves with, taking Model.log's own
+    `validate_serving_input` switch (which mlflow.pyfunc.save_model refuses as an unknown argument)."""
+
+    __name__ = "mlflow.pyfunc"
+
+    @staticmethod
+    def save_model(validate_serving_input: bool = True, **kwargs: Any) -> Any:
+        return mlflow.pyfunc.save_model(**kwargs)
+
+
+@contextlib.contextmanager
+def warnings_quiet() -> Iterator[None]:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def requirements() -> list[str]:
+    """What installs the logged model's code: chainopt itself, with the versions this run used of what it
+    runs on."""
+    v = versions()
+    return [f"chainopt=={v['chainopt.version']}", f"dspy=={v['dspy.version']}", f"mlflow=={v['mlflow.version']}",
+            f"llama-cpp-python=={v['llama_cpp.version']}"]
+
+
+def log_chain_traces(records: list["ChainRecord"], sample: int, program: str) -> int:
+    """One MLflow trace per evaluated chain for the first `sample` examples (by index), in the active run's
+    Traces tab, written from each chain's record once the evaluation is over (the chains run untraced, so
+    tracing costs them nothing): a root span with the chain's inputs, answer, gold answer and verdict
+    (success, score, validator failures, retries, parse failure, error) and one LLM span per step with its
+    tokens computed, reused and generated, its calls and seconds. The durations are the measured ones; the
+    start times are laid out back to back ending when the trace is written. Returns how many were written."""
+    from mlflow.entities import SpanStatusCode, SpanType
+
+    experiment_id = mlflow.active_run().info.experiment_id  # the run's, not MLflow's default experiment
+    written = 0
+    for record in sorted(records, key=lambda r: r.index)[:sample]:
+        end = time.time_ns()
+        start = end - int(record.seconds * 1e9)
+        verdict = {"chainopt.success": record.success, "chainopt.score": record.score,
+                   "chainopt.gold": json.dumps(record.gold, default=str), "chainopt.steps": record.steps,
+                   "chainopt.validator_failures": record.validator_failures, "chainopt.retries": record.retries,
+                   "chainopt.parse_failure": record.parse_failure, "chainopt.error": record.error or "",
+                   "chainopt.input_tokens_computed": record.usage.input_computed,
+                   "chainopt.input_tokens_reused": record.usage.input_reused,
+                   "chainopt.output_tokens": record.usage.output}
+        root = mlflow.start_span_no_context(f"{program} {record.example_id}", span_type=SpanType.CHAIN,
+                                            inputs=record.inputs, attributes=verdict, start_time_ns=start,
+                                            experiment_id=experiment_id)
+        at = start
+        for step, usage in record.by_step.items():
+            span = mlflow.start_span_no_context(
+                step, span_type=SpanType.LLM, parent_span=root, start_time_ns=at,
+                attributes={"chainopt.input_tokens_computed": usage.input_computed,
+                            "chainopt.input_tokens_reused": usage.input_reused,
+                            "chainopt.output_tokens": usage.output, "chainopt.calls": usage.calls,
+                            "chainopt.cached_calls": usage.cached})
+            at = min(end, at + int(usage.seconds * 1e9))
+            span.end(outputs={"tokens": usage.tokens}, end_time_ns=at)
+        root.end(outputs={"answer": record.predicted, "success": record.success},
+                 status=SpanStatusCode.ERROR if record.error else SpanStatusCode.OK, end_time_ns=end)
+        written += 1
+    mlflow.flush_trace_async_logging()  # in the store before the run ends
+    return written
+
+
 def log_break_even(result: TrialResult, results: list[TrialResult]) -> dict[str, float]:
     """Queries until `result`'s compile is repaid by its lower cost per success against the zero-shot run of
     the same model, program and seed; logged to its run and returned ({} when it has no such baseline)."""
@@ -278,19 +465,26 @@ def show_mlflow_chatter(shown: bool) -> None:
     (enable_logging if shown else disable_logging)()
 
 
-def register_export(folder: Path, manifest: dict[str, Any], serving: Path) -> dict[str, str]:
-    """Log an export as a pyfunc model (from code, no pickle) in its run and register a model version,
-    its metrics as tags. The model's artifact is the whole export folder: a KNN program's pool.jsonl with it."""
+def register_export(folder: Path, manifest: dict[str, Any], serving: Path,
+                    model_id: str | None = None) -> dict[str, str]:
+    """Register an export in the model registry as a model version, its metrics (accuracy, cost per success)
+    as tags. The version is the run's own logged model (`model_id`, logged when the run was recorded);
+    a run recorded before runs logged one gets a pyfunc model logged now (from code, no pickle) whose
+    artifact is the whole export folder: a KNN program's pool.jsonl with it."""
     name = f"chainopt-{manifest['experiment']}-{manifest['program']['name']}".replace(".", "-")
-    with mlflow.start_run(run_id=manifest["run_id"]):
-        logged = mlflow.pyfunc.log_model(name="program", python_model=str(serving),
-                                         artifacts={"export": str(folder)}, pip_requirements=[])
-    version = mlflow.register_model(logged.model_uri, name)
+    if model_id is None:
+        with mlflow.start_run(run_id=manifest["run_id"]), warnings_quiet():
+            logged = mlflow.pyfunc.log_model(name=MODEL_NAME, python_model=str(serving),
+                                             artifacts={"export": str(folder)}, pip_requirements=requirements())
+        model_id = logged.model_id
+    with warnings_quiet():
+        version = mlflow.register_model(f"models:/{model_id}", name)
     client = MlflowClient()
     for key, value in {**manifest["metrics"], "model.sha256": manifest["model"]["sha256"],
-                       "program": manifest["program"]["name"], "run_id": manifest["run_id"]}.items():
+                       "program": manifest["program"]["name"], "run_id": manifest["run_id"],
+                       "model_id": model_id}.items():
         client.set_model_version_tag(name, version.version, key, str(value))
-    return {"name": name, "version": str(version.version)}
+    return {"name": name, "version": str(version.version), "model_id": model_id}
 
 
 def log_params(params: dict[str, Any]) -> None:

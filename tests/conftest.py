@@ -13,6 +13,7 @@ os.environ["CHAINOPT_CACHE"] = str(_session_dir / "chainopt-cache")
 os.environ["HF_DATASETS_CACHE"] = str(_session_dir / "hf-datasets")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["TQDM_DISABLE"] = "1"
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 
 import pytest  # noqa: E402
 

@@ -1,8 +1,10 @@
 """What a person sees: headless Debian Chromium, driven by Playwright, on a real experiment's MLflow UI and report.
 
 Runs the tiny real experiment (tests/data/tiny.toml) once for the module, then checks that MLflow's UI lists
-the runs with their accuracy and cost-per-success values, that it shows the Pareto plot artifact, and that
-the `chainopt report` page renders its plot. Screenshots are kept in reports/screenshots/.
+the runs with their accuracy and cost-per-success values and, for each child, its datasets (name and digest)
+and logged model; that a run page shows its datasets, logged model and registered prompt; that it shows the
+Pareto plot artifact, and that the `chainopt report` page renders its plot.
+Screenshots are kept in reports/screenshots/.
 A missing Chromium or Playwright fails these tests (it never skips them): `make install` provides both.
 """
 
@@ -62,7 +64,8 @@ def store(tmp_path_factory) -> dict:
     """A real store: `chainopt run` of the tiny experiment, then `chainopt report` of it."""
     work = tmp_path_factory.mktemp("browser")
     uri = f"sqlite:///{work / 'mlflow.db'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    # PYTHONPATH: this checkout's chainopt, not whichever one is installed in the environment.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT)}
     chainopt = [sys.executable, "-m", "optimize"]
     config = str(ROOT / "tests" / "data" / "tiny.toml")
     for args in (["run", config, "-q"], ["report", config, "--json"]):
@@ -71,7 +74,7 @@ def store(tmp_path_factory) -> dict:
     report = work / json.loads(done.stdout)["path"]
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("tiny")
-    runs = client.search_runs([experiment.experiment_id])
+    runs = [client.get_run(r.info.run_id) for r in client.search_runs([experiment.experiment_id])]  # with inputs
     parent = next(r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "parent")
     children = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "child"]
     assert len(children) == 2
@@ -135,6 +138,54 @@ def test_run_page_shows_cost_metrics(page, ui, store):
         page.get_by_text(f"{unit}_per_success", exact=True).first.wait_for()
     page.get_by_text("seconds_per_success", exact=True).first.scroll_into_view_if_needed()
     page.screenshot(path=str(SHOTS / "mlflow-run-metrics.png"))
+
+
+def _expand_children(page, ui: str, store: dict) -> None:
+    page.goto(f"{ui}/runs?workflowType=machine_learning")  # the runs table, not the GenAI overview
+    parent_row = page.locator(".ag-row", has_text="tiny")
+    parent_row.first.wait_for()
+    _close_assistant(page)
+    parent_row.first.locator('[col-id*="Run Name"] button').first.click()  # expand: show the child runs
+    for child in store["children"]:
+        page.locator(".ag-row", has_text=child.info.run_name).first.wait_for()
+
+
+def test_runs_table_shows_each_childs_datasets_and_logged_model(page, ui, store):
+    """The Datasets column names each child's training slice with its digest (the same slice, so the same
+    digest, for both children) and the Models column its logged model. Fails if the runs log no dataset
+    inputs or no logged model (the column then shows "-")."""
+    _expand_children(page, ui, store)
+    digests = set()
+    for child in store["children"]:
+        (train,) = [i.dataset for i in child.inputs.dataset_inputs if i.dataset.name.endswith(".train")]
+        digests.add(train.digest)
+        row_id = page.locator(".ag-row", has_text=child.info.run_name).first.get_attribute("row-id")
+        cell = page.locator(f'.ag-row[row-id="{row_id}"] [col-id="attributes.`Dataset`"]').first
+        cell.get_by_text(f"{train.name} ({train.digest})").first.wait_for()
+        models = page.locator(f'.ag-row[row-id="{row_id}"] [col-id="attributes.`Models`"]').first
+        assert "program" in models.inner_text()
+    assert len(digests) == 1
+    page.screenshot(path=str(SHOTS / "mlflow-runs-datasets-models.png"))
+
+
+def test_run_page_shows_datasets_logged_model_and_registered_prompt(page, ui, store):
+    """The labelled few-shot child's page lists its datasets (training slice with its digest), its logged
+    model (`program`, with the accuracy measured on the test slice) and the prompt version it registered.
+    Fails if any of the three is missing from the run."""
+    child = next(c for c in store["children"] if "labeled_fewshot" in c.info.run_name)
+    (link,) = json.loads(child.data.tags["mlflow.linkedPrompts"])
+    test_slice = next(i.dataset for i in child.inputs.dataset_inputs if i.dataset.name.endswith(".test"))
+    page.goto(f"{ui}/runs/{child.info.run_id}?workflowType=machine_learning")
+    page.get_by_text(child.info.run_name, exact=True).first.wait_for()
+    _close_assistant(page)
+    page.get_by_text("Logged models (1)").first.wait_for()
+    page.get_by_text(f"{test_slice.name} (#{test_slice.digest})").first.wait_for()  # the model's metric's dataset
+    page.get_by_text(f"{link['name']} (v{link['version']})").first.wait_for()
+    train = next(i.dataset for i in child.inputs.dataset_inputs if i.dataset.name.endswith(".train"))
+    page.get_by_text(f"{train.name} ({train.digest})").first.wait_for()
+    page.screenshot(path=str(SHOTS / "mlflow-run-records.png"), full_page=True)
+    page.get_by_text("Logged models (1)").first.scroll_into_view_if_needed()
+    page.screenshot(path=str(SHOTS / "mlflow-run-logged-model.png"))
 
 
 def test_parent_run_shows_the_pareto_plot(page, ui, store):

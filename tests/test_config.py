@@ -55,8 +55,7 @@ def test_flat_params_cover_every_setting():
 @pytest.mark.parametrize("text, message", [
     ('name = "x"\n[modle]\nspec = "a"', r"unknown key 'modle'.*did you mean 'models'"),
     ('name = "x"\n[data]\ntset = 5', r"unknown key 'data.tset'.*did you mean 'test'"),
-    # A setting validated but never read misleads: `traces` did nothing, so it is no longer accepted.
-    ('name = "x"\n[tracking]\ntraces = true', r"unknown key 'tracking.traces'.*allowed: experiment, uri"),
+    ('name = "x"\n[tracking]\nlog_everything = true', r"unknown key 'tracking.log_everything'.*allowed: experiment, "),
     ('name = "x"\n[data]\ntest = -1', r"data.test = -1: Input should be greater than or equal to 0"),
     ('name = "x"\n[budget]\nrun_tokens = 0', r"budget.run_tokens = 0: .*greater than or equal to 1"),
     ('name = "x"\n[model]\ntemperature = "hot"', r"temperature = 'hot'"),
