@@ -172,11 +172,12 @@ def postgres():
             pytest.fail(f"{Path(args[0]).name} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}\n{text}")
         return done
 
-    pg(str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8")
-    pg(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "start",
-       "-o", f"-c listen_addresses=127.0.0.1 -p {port} -k {folder} -c fsync=off")
-    postmaster = int((data / "postmaster.pid").read_text().split()[0])
+    postmaster = None
     try:
+        pg(str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8")
+        pg(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "start",
+           "-o", f"-c listen_addresses=127.0.0.1 -p {port} -k {folder} -c fsync=off")
+        postmaster = int((data / "postmaster.pid").read_text().split()[0])
         import psycopg
 
         with psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres",
@@ -184,11 +185,12 @@ def postgres():
             db.execute("CREATE DATABASE mlflow")
         yield f"postgresql://postgres@127.0.0.1:{port}/mlflow"
     finally:
-        pg(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "60", "stop", check=False)
+        if (data / "postmaster.pid").exists():
+            pg(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "60", "stop", check=False)
         deadline = time.monotonic() + 30
-        while pid_alive(postmaster) and time.monotonic() < deadline:
+        while postmaster and pid_alive(postmaster) and time.monotonic() < deadline:
             time.sleep(0.1)
-        alive = pid_alive(postmaster)
+        alive = bool(postmaster) and pid_alive(postmaster)
         shutil.rmtree(folder, ignore_errors=True)
         assert not alive, f"PostgreSQL (pid {postmaster}) did not stop"
 
@@ -235,11 +237,24 @@ def store(postgres, s3, tmp_path_factory) -> Store:
         stop_group(proc)
 
 
-def run_chainopt(config: Path, cwd: Path, url: str) -> subprocess.Popen:
-    """`chainopt run config` as a team member starts it: the server's URL and no storage credentials."""
-    return subprocess.Popen([CHAINOPT, "run", str(config)], cwd=cwd, text=True,
-                            env=clean_env(MLFLOW_TRACKING_URI=url),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+@pytest.fixture
+def chainopt():
+    """Starts `chainopt run CONFIG` as a team member would: the server's URL and no storage credentials.
+    Whatever is still running when the test ends (a failed assertion, a timeout) is killed and reaped."""
+    started: list[subprocess.Popen] = []
+
+    def run(config: Path, cwd: Path, url: str) -> subprocess.Popen:
+        proc = subprocess.Popen([CHAINOPT, "run", str(config)], cwd=cwd, text=True,
+                                env=clean_env(MLFLOW_TRACKING_URI=url),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        started.append(proc)
+        return proc
+
+    yield run
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
 
 
 def shared(name: str, folder: Path) -> Path:
@@ -275,10 +290,10 @@ def test_store_is_postgres_and_s3(store, tmp_path):
 
 
 @pytest.mark.model
-def test_two_runs_at_once_on_the_team_store(store, tmp_path):
+def test_two_runs_at_once_on_the_team_store(store, chainopt, tmp_path):
     """Two experiment files that share one MLflow experiment, started together on a fresh store."""
     names = ("concurrent-none", "concurrent-fewshot")
-    procs = {name: run_chainopt(shared(name, tmp_path), tmp_path, store.url) for name in names}
+    procs = {name: chainopt(shared(name, tmp_path), tmp_path, store.url) for name in names}
     done = {name: (proc.communicate(timeout=300), proc.returncode) for name, proc in procs.items()}
     for name, ((_, err), code) in done.items():
         assert code == 0, f"{name}:\n{err}"
@@ -304,10 +319,10 @@ def test_two_runs_at_once_on_the_team_store(store, tmp_path):
 
 
 @pytest.mark.model
-def test_kill_and_resume_on_the_team_store(store, tmp_path):
+def test_kill_and_resume_on_the_team_store(store, chainopt, tmp_path):
     """SIGKILL while the 2nd of 3 combinations runs, then `chainopt run` again: it resumes from the store."""
     config, experiment = ROOT / "tests/data/tiny3.toml", "tiny3"
-    proc = run_chainopt(config, tmp_path, store.url)
+    proc = chainopt(config, tmp_path, store.url)
     deadline = time.monotonic() + 240
     while True:
         assert proc.poll() is None, f"chainopt ended early ({proc.returncode}):\n{proc.communicate()[1]}"
@@ -323,7 +338,7 @@ def test_kill_and_resume_on_the_team_store(store, tmp_path):
     first = {r.data.tags["chainopt.config_hash"]: r.info.run_id for r in killed if r.info.status == "FINISHED"}
     assert len(first) == 1 and [r.info.status for r in killed].count("RUNNING") == 1
 
-    again = run_chainopt(config, tmp_path, store.url)
+    again = chainopt(config, tmp_path, store.url)
     _, err = again.communicate(timeout=300)
     assert again.returncode == 0, err
     assert err.count("finished earlier, reused") == 1
