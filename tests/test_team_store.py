@@ -289,6 +289,28 @@ def test_store_is_postgres_and_s3(store, tmp_path):
     assert store.s3().get_object(Bucket=BUCKET, Key=key)["Body"].read() == b"hello"
 
 
+def test_experiment_created_meanwhile_by_another_process(store, monkeypatch):
+    """Two runs starting together both look the experiment up, find none and create it: on a server store
+    the second create fails (RESOURCE_ALREADY_EXISTS, PostgreSQL's unique key). It takes the existing one."""
+    from optimize import tracking
+
+    before = mlflow.get_tracking_uri()
+    existing = MlflowClient(tracking_uri=store.url).create_experiment("created-meanwhile")
+    looked = []
+    real = MlflowClient.get_experiment_by_name
+
+    def first_look_misses(self, name):  # what the second process saw, just before the first one created it
+        looked.append(name)
+        return None if len(looked) == 1 else real(self, name)
+
+    monkeypatch.setattr(MlflowClient, "get_experiment_by_name", first_look_misses)
+    try:
+        assert tracking.setup("created-meanwhile", store.url) == existing
+    finally:
+        mlflow.set_tracking_uri(before)
+    assert looked == ["created-meanwhile", "created-meanwhile"]
+
+
 @pytest.mark.model
 def test_two_runs_at_once_on_the_team_store(store, chainopt, tmp_path):
     """Two experiment files that share one MLflow experiment, started together on a fresh store."""
