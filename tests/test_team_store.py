@@ -244,8 +244,10 @@ def chainopt():
     started: list[subprocess.Popen] = []
 
     def run(config: Path, cwd: Path, url: str) -> subprocess.Popen:
+        # This checkout's code, even where the installed `chainopt` is an editable install of another one.
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         proc = subprocess.Popen([CHAINOPT, "run", str(config)], cwd=cwd, text=True,
-                                env=clean_env(MLFLOW_TRACKING_URI=url),
+                                env=clean_env(MLFLOW_TRACKING_URI=url, PYTHONPATH=path),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         started.append(proc)
         return proc
