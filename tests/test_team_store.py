@@ -234,7 +234,7 @@ def store(postgres, s3, tmp_path_factory) -> Store:
         wait_for(f"{url}/health", proc, log, "mlflow server", timeout=180)
         yield Store(url, postgres, s3)
     finally:
-        stop_group(proc)
+        stop_group(proc, timeout=10)  # its job consumers (huey) outlive a SIGTERM: no need to wait 30 s
 
 
 @pytest.fixture
