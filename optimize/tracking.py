@@ -234,7 +234,10 @@ def log_datasets(slices: list[DataSlice]) -> dict[str, Any]:
                 frame = frame.map(lambda v: v if isinstance(v, str) else json.dumps(v, default=str))
                 dataset = mlflow.data.from_pandas(frame, source=piece.source, name=piece.name,
                                                   targets=piece.targets)
-        mlflow.log_input(dataset, context=piece.context)
+        try:
+            mlflow.log_input(dataset, context=piece.context)
+        except MlflowException:  # on a shared store another run created the same dataset at the same moment
+            mlflow.log_input(dataset, context=piece.context)  # (a unique key): now it exists and is reused
         logged[piece.context] = dataset
     return logged
 

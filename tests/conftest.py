@@ -2,13 +2,15 @@
 
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 _session_dir = Path(tempfile.mkdtemp(prefix="chainopt-tests-"))
 # Before dspy/mlflow are imported anywhere: both read these at import time.
 os.environ["DSPY_CACHEDIR"] = str(_session_dir / "dspy-cache")
-os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_session_dir / 'mlflow.db'}"
+SESSION_STORE = f"sqlite:///{_session_dir / 'mlflow.db'}"
+os.environ["MLFLOW_TRACKING_URI"] = SESSION_STORE
 os.environ["CHAINOPT_CACHE"] = str(_session_dir / "chainopt-cache")
 os.environ["HF_DATASETS_CACHE"] = str(_session_dir / "hf-datasets")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -23,6 +25,17 @@ ROOT = Path(__file__).resolve().parents[1]
 def pytest_sessionfinish(session, exitstatus):
     """An assembled model (qwen2.5-coder-0.5b: half a gigabyte) is not left in /tmp after every test run."""
     shutil.rmtree(_session_dir / "chainopt-cache" / "models", ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _session_store_after_each_test():
+    """`mlflow.set_tracking_uri` also sets $MLFLOW_TRACKING_URI: a test that points MLflow at its own store
+    or server would leave the next tests talking to it (a server stopped since). Each test ends on the
+    session's store again."""
+    yield
+    if "mlflow" in sys.modules:
+        sys.modules["mlflow"].set_tracking_uri(SESSION_STORE)
+    os.environ["MLFLOW_TRACKING_URI"] = SESSION_STORE
 
 
 @pytest.fixture(scope="session")

@@ -44,6 +44,25 @@ def test_each_slice_is_a_dataset_input_with_its_context_and_the_same_digest_for_
     assert other["eval"].digest != first["eval"].digest
 
 
+def test_a_dataset_another_run_logged_at_the_same_moment_is_reused(mlflow_store, monkeypatch):
+    """Two runs starting together on a team store log the same slice at once; the second insert hits the
+    dataset's unique key (seen with PostgreSQL). Fails if that ends the run instead of logging again."""
+    from mlflow.exceptions import MlflowException
+
+    experiment_id = tracking.setup("records-race", mlflow_store)
+    real, calls = MlflowClient.log_inputs, []
+
+    def first_insert_collides(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise MlflowException("duplicate key value violates unique constraint", error_code="INTERNAL_ERROR")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_inputs", first_insert_collides)
+    logged = _logged(experiment_id, _trial())
+    assert sorted(logged) == ["eval", "training", "validation"] and len(calls) == 4
+
+
 def test_a_retrieving_program_also_logs_the_pool_it_retrieves_from(mlflow_store):
     """Fails if intent.retrieve's (or a KNN optimizer's) whole training split is not logged as its retrieval
     source, or if a program that retrieves nothing logs one."""
