@@ -28,14 +28,20 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 @pytest.fixture(autouse=True)
-def _session_store_after_each_test():
+def _tracking_uri_restored_after_each_test():
     """`mlflow.set_tracking_uri` also sets $MLFLOW_TRACKING_URI: a test that points MLflow at its own store
     or server would leave the next tests talking to it (a server stopped since). Each test ends on the
-    session's store again."""
+    store it started on (the session's, or its module's)."""
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
+    uri_before = sys.modules["mlflow"].get_tracking_uri() if "mlflow" in sys.modules else None
     yield
-    if "mlflow" in sys.modules:
-        sys.modules["mlflow"].set_tracking_uri(SESSION_STORE)
-    os.environ["MLFLOW_TRACKING_URI"] = SESSION_STORE
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None and uri_before is not None and mlflow.get_tracking_uri() != uri_before:
+        mlflow.set_tracking_uri(uri_before)
+    if env_before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = env_before
 
 
 @pytest.fixture(scope="session")
