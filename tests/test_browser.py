@@ -104,13 +104,7 @@ def _close_to(text: str, value: float) -> bool:
 
 
 def test_runs_table_lists_runs_with_accuracy_and_cost_per_success(page, ui, store):
-    page.goto(f"{ui}/runs?workflowType=machine_learning")  # the runs table, not the GenAI overview
-    parent_row = page.locator(".ag-row", has_text="tiny")
-    parent_row.first.wait_for()
-    _close_assistant(page)
-    parent_row.first.locator('[col-id*="Run Name"] button').first.click()  # expand: show the child runs
-    for child in store["children"]:
-        page.locator(".ag-row", has_text=child.info.run_name).first.wait_for()
+    _expand_children(page, ui, store)
     for metric in ("accuracy", "seconds_per_success"):
         page.get_by_role("button", name="Columns").click()
         page.get_by_placeholder("Search columns").fill(metric)
