@@ -26,10 +26,11 @@ from optimize.config import Experiment, ModelConfig, OptimizerConfig, ProgramCon
 from optimize.data import Splits, data_digest
 from optimize.errors import ConfigError, DataError
 from optimize.evaluate import ChainRecord, EvalResult
-from optimize.optimizers import input_text, tfidf_vectorizer
+from optimize.optimizers import input_text
 from optimize.registry import Registry
 from optimize.trial import Outcome, chain_metrics, prices
 from programs.metrics import LabelMatch
+from programs.retrieval import TFIDF, tfidf_vectorizer
 
 NO_MODEL = "none"  # the model spec a baseline's run shows: it calls no LM
 RANDOM_STATE = 0  # logistic regression's solver seed: a baseline does not vary with the experiment's seeds
@@ -59,7 +60,7 @@ def _tfidf_logreg(texts: list[str], labels: list[str]) -> Predict:
     return lambda text: str(model.predict(vectorizer.transform([text]))[0])
 
 
-_TFIDF = {"vectorizer": "tfidf", "ngram_range": "1,2", "sublinear_tf": True}
+_TFIDF = {"vectorizer": "tfidf", **{k: ",".join(map(str, v)) if isinstance(v, tuple) else v for k, v in TFIDF.items()}}
 BASELINES: Registry[BaselineSpec] = Registry("baseline", {spec.name: spec for spec in (
     BaselineSpec("tfidf_1nn", "TF-IDF 1-nearest-neighbour (cosine)", {**_TFIDF, "classifier": "1nn"}, _tfidf_1nn),
     BaselineSpec("tfidf_logreg", "TF-IDF logistic regression",

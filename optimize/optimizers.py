@@ -18,7 +18,7 @@ from dspy.teleprompt import Teleprompter
 from optimize.errors import ConfigError
 from optimize.registry import Registry
 from programs.registry import Tunable
-from programs.retrieval import MINILM_MISSING, minilm, minilm_installed
+from programs.retrieval import MINILM_MISSING, minilm, minilm_installed, tfidf_vectorizer
 
 
 @dataclass(frozen=True)
@@ -127,13 +127,6 @@ class OptimizerSpec:
 def input_text(example: dspy.Example, input_fields: tuple[str, ...]) -> str:
     """What a lexical model reads of an example: its input fields joined, as the programs receive them."""
     return " ".join(str(example.get(f, "")) for f in input_fields)
-
-
-def tfidf_vectorizer(texts: list[str]) -> Any:
-    """TF-IDF over words and word pairs, fitted on `texts`: KNN demos and the classical baselines share it."""
-    from sklearn.feature_extraction.text import TfidfVectorizer  # sklearn's import is slow: only when needed
-
-    return TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True).fit(texts)
 
 
 def tfidf_embedder(trainset: list[dspy.Example], input_fields: tuple[str, ...]) -> dspy.Embedder:
