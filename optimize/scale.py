@@ -41,6 +41,9 @@ from optimize.trial import (Compiled, Outcome, adapter, compile_trial, eval_metr
 Progress = Callable[[str], None]
 # Set in every worker (and in the driver, before Ray starts): no usage reports, no telemetry, no tqdm bars.
 WORKER_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "TQDM_DISABLE": "1"}
+# A local cluster's node is 127.0.0.1, so all its servers listen there only (by default Ray takes the machine's
+# outward address and listens on it); Ray reads this when imported.
+LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 RESTARTS = 3  # how often a dead worker is restarted, and its task run again, before the run fails
 
 
@@ -57,18 +60,16 @@ def _ray() -> Any:
 def cluster(cfg: ExecutionConfig) -> Iterator[None]:
     """Join the Ray cluster at `cfg.address`, or start a local one (on 127.0.0.1) for this run and stop it after.
     A Ray already started in this process (a test's cluster) is used as it is."""
+    for key, value in {**WORKER_ENV, **({} if cfg.address else LOOPBACK)}.items():
+        os.environ.setdefault(key, value)  # before Ray is imported: it reads them then
     ray = _ray()
+    if cfg.address and cfg.address != "auto":
+        _reachable(cfg.address)
     if ray.is_initialized():
         yield
         return
-    for key, value in WORKER_ENV.items():
-        os.environ.setdefault(key, value)
-    if cfg.address and cfg.address != "auto":
-        _reachable(cfg.address)
-    local = {} if cfg.address else {"_node_ip_address": "127.0.0.1"}
     try:
-        ray.init(address=cfg.address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-                 **local)
+        ray.init(address=cfg.address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     except Exception as exc:  # Ray raises ConnectionError, RuntimeError or ValueError, by address kind
         where = f"at {cfg.address}" if cfg.address else "on this machine (a local one)"
         raise ClusterError(f"cannot reach the Ray cluster {where}: {_first_line(exc)}") from None
