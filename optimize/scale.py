@@ -10,7 +10,8 @@ works as it does locally. Ray is imported only when this backend runs: the base 
 
 Faults: a worker whose process dies is restarted by Ray and the task it was running is run again
 (max_restarts, max_task_retries); a trial is yielded once, when all of it is back, so nothing is recorded
-twice. A worker that cannot load a model fails the run with one line naming its node and the model file.
+twice. A worker that cannot load a model, or finds another file than the driver's (by sha256) at its spec,
+fails the run with one line naming its node and the model file.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ import dspy
 from optimize import cost
 from optimize.config import ExecutionConfig, Trial
 from optimize.data import Splits
-from optimize.errors import ChainoptError, ClusterError
+from optimize.errors import ChainoptError, ClusterError, ModelError
 from optimize.evaluate import ChainRecord, EvalResult
 from optimize.llm.engine import build_lm
+from optimize.llm.models import describe
 from optimize.llm.settings import ModelConfig
 from optimize.progress import EvalProgress
 from optimize.trial import (Compiled, Outcome, adapter, compile_trial, eval_metrics, load_models, prices, rebuild,
@@ -109,7 +111,7 @@ class Worker:
     """One Ray worker: loads the sweep's models once (llama.cpp on its `cpus` threads), then compiles trials,
     scores shards of evaluations, or runs a trial whole. What it returns is plain data."""
 
-    def __init__(self, models: list[ModelConfig], cpus: int):
+    def __init__(self, models: dict[ModelConfig, str], cpus: int):
         import ray
 
         self.cpus = cpus
@@ -117,9 +119,12 @@ class Worker:
         ip = next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id)
         self.node = f"{ip} (node {node_id[:12]})"
         self.error = ""
-        for model in models:
+        for model, sha256 in models.items():  # each with the sha256 of the driver's file: the runs' identity
             try:
                 build_lm(model.model_copy(update={"n_threads": model.n_threads or cpus}))
+                info = describe(model.spec)
+                if info.sha256 != sha256:
+                    raise ModelError(f"{info.path} has sha256 {info.sha256[:12]}…, the driver's {sha256[:12]}…")
             except Exception as exc:
                 self.error = f"the Ray worker on {self.node} cannot load model {model.spec}: {_first_line(exc)}"
                 break
@@ -144,11 +149,12 @@ class Worker:
         return dataclasses.replace(run_trial(trial, splits, live=False, n_threads=self.cpus), program=None)
 
 
-def sweep_models(trials: list[Trial]) -> list[ModelConfig]:
-    """Every model the trials call (task models, teachers, cascades), each once: what a worker loads."""
+def sweep_models(trials: list[Trial]) -> dict[ModelConfig, str]:
+    """Every model the trials call (task models, teachers, cascades), each once, with its file's sha256 here:
+    what a worker loads, and must find the same file for."""
     models = [m for t in trials for m in (t.model, *(t.cascade.models if t.cascade else ()),
                                           *((t.optimizer.teacher,) if t.optimizer.teacher else ()))]
-    return list(dict.fromkeys(models))
+    return {m: describe(m.spec).sha256 for m in dict.fromkeys(models)}
 
 
 @dataclass

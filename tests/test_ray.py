@@ -120,19 +120,29 @@ def test_a_worker_killed_mid_shard_is_redone_and_its_trial_recorded_once(ray_clu
 
 
 @pytest.mark.model
-def test_a_worker_that_cannot_load_its_model_names_its_node_and_the_file(ray_cluster, tmp_path, smollm_info):
-    # The driver never opens this file (no check() here): only the workers find out it is cut short.
-    broken = tmp_path / "cut-short.gguf"
-    whole = Path(smollm_info.path).read_bytes()
-    broken.write_bytes(whole[: len(whole) // 2])
-    exp = parse_experiment({**EXPERIMENT, "name": "ray-broken", "models": [{"spec": str(broken)}]})
+@pytest.mark.parametrize("case", ["cut short", "another file"])
+def test_a_worker_that_cannot_load_its_model_names_its_node_and_the_file(ray_cluster, tmp_path, smollm_info,
+                                                                         monkeypatch, case):
+    # What the driver's machine holds (sweep_models: each model's sha256 there) stands in for another machine's
+    # file: the workers find a GGUF cut short where the driver has a whole one, or a file with another sha256.
+    if case == "cut short":
+        spec = tmp_path / "cut-short.gguf"
+        whole = Path(smollm_info.path).read_bytes()
+        spec.write_bytes(whole[: len(whole) // 2])
+        sha256, expected = smollm_info.sha256, f"corrupt or truncated GGUF file {spec}"
+    else:
+        spec, sha256 = "smollm2-135m", "f" * 64
+        expected = f"{smollm_info.path} has sha256 {smollm_info.sha256[:12]}…, the driver's ffffffffffff…"
+    exp = parse_experiment({**EXPERIMENT, "name": "ray-broken", "models": [{"spec": str(spec)}]})
     trial = exp.combinations()[0]
+    monkeypatch.setattr(scale, "sweep_models", lambda trials: {trial.model: sha256})
     with pytest.raises(ClusterError) as error:
         next(scale.run_trials(ExecutionConfig(backend="ray"), [(1, trial, load_splits(trial.data))], 1))
     message = str(error.value)
     node = ray_cluster.nodes()[0]
     assert "\n" not in message
-    assert f"the Ray worker on 127.0.0.1 (node {node['NodeID'][:12]}) cannot load model {broken}: " in message
+    assert message.startswith(f"the Ray worker on 127.0.0.1 (node {node['NodeID'][:12]}) cannot load model {spec}: ")
+    assert expected in message
 
 
 @pytest.mark.model
