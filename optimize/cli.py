@@ -99,6 +99,9 @@ def cmd_run(args, out: Output) -> int:
     from optimize.experiment import run_experiment
 
     exp = load_experiment(args.experiment)
+    if args.ray is not None:  # the file's [execution], with the backend and address the option gives
+        exp = exp.model_copy(update={"execution": exp.execution.model_copy(
+            update={"backend": "ray", "address": args.ray or None})})
     result = run_experiment(exp, Path(args.experiment), progress=out.progress, live=out.live)
     out.result(_result_text(result), _result_data(result))
     return 4 if any(t.failed for t in result.trials) else 3 if any(t.stopped for t in result.trials) else 0
@@ -289,8 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    add("run", cmd_run, "run (or resume) an experiment file and record it in MLflow").add_argument(
-        "experiment", help="experiment TOML file")
+    p = add("run", cmd_run, "run (or resume) an experiment file and record it in MLflow")
+    p.add_argument("experiment", help="experiment TOML file")
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="run the trials on a Ray cluster ([execution] backend = \"ray\"): `auto` joins the one "
+                   "`ray start` began here, HOST:PORT or ray://HOST:10001 another; with no ADDRESS, a local one")
     p = add("eval", cmd_eval, "score one program on a dataset slice (zero-shot) and record it")
     p.add_argument("--program", required=True)
     p.add_argument("--dataset", required=True)

@@ -119,6 +119,20 @@ class EvalConfig(Section):
                                   "answer) above which the trial is FAILED, not a result")
 
 
+class ExecutionConfig(Section):
+    """`[execution]`: where the sweep's trials run. `local` (the default) runs them one after another in this
+    process; `ray` runs them on a Ray cluster's workers (optimize/scale.py), each evaluation's examples
+    sharded across them, while this process alone writes MLflow. How a sweep runs is no part of its results:
+    it changes no run's identity, so a sweep started on one backend resumes on the other."""
+
+    backend: Literal["local", "ray"] = "local"
+    address: str | None = Field(None, description="Ray cluster to join: 'auto' (the one `ray start` began on this "
+                                "machine), HOST:PORT or ray://HOST:10001; default: start a local one for this run")
+    workers: int | None = Field(None, ge=1, description="Ray workers (each loads the models once); default: the "
+                                "cluster's CPUs / cpus_per_worker")
+    cpus_per_worker: int = Field(1, ge=1, description="CPUs each Ray worker reserves: its llama.cpp threads")
+
+
 class CascadeConfig(Section):
     """`[cascade]`: the experiment's programs also run as a cascade over its models (programs/cascade.py): the
     first answers, the next one only when that answer is in doubt (rejected by its validator, or less sure
@@ -168,6 +182,7 @@ class Experiment(Section):
     baselines: tuple[str, ...] = Field((), description="classical classifiers fitted on the same training split "
                                        "(optimize.baselines), each recorded as a child run beside the programs")
     cascade: CascadeConfig | None = Field(None, description="also run each program as a cascade over the models")
+    execution: ExecutionConfig = ExecutionConfig()
 
     @model_validator(mode="after")
     def _non_empty(self) -> "Experiment":

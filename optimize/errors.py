@@ -19,6 +19,11 @@ class DataError(ChainoptError):
     """A dataset is missing, empty or malformed."""
 
 
+class ClusterError(ChainoptError):
+    """The Ray backend cannot run: Ray is not installed, the cluster is out of reach, or a worker cannot load
+    a model (the message names the node and the file)."""
+
+
 class BudgetExceeded(ChainoptError):
     """A token ceiling was reached; the chain (or the run) stops cleanly and counts as failed."""
 

@@ -95,8 +95,9 @@ def score_of(value: Any) -> float:
 
 def evaluate(program: dspy.Module, examples: list[dspy.Example], metric: Callable, answer_field: str, *,
              threads: int = 8, chain_tokens: int | None = None, run_tally: cost.Tally | None = None,
-             on_record: Callable[[ChainRecord], None] | None = None) -> EvalResult:
-    """Score `program` on `examples`, metering each chain; `run_tally` (if given) carries the run's ceiling."""
+             on_record: Callable[[ChainRecord], None] | None = None, start: int = 0) -> EvalResult:
+    """Score `program` on `examples`, metering each chain; `run_tally` (if given) carries the run's ceiling.
+    `start` is the index of the first example in its whole split (a Ray shard's records keep their place)."""
     stop = threading.Event()
     cpu0, wall0 = time.process_time(), time.perf_counter()
 
@@ -143,7 +144,7 @@ def evaluate(program: dspy.Module, examples: list[dspy.Example], metric: Callabl
 
     executor = ParallelExecutor(num_threads=threads, max_errors=len(examples) + 1, disable_progress_bar=True,
                                 provide_traceback=False, timeout=0)
-    results = executor.execute(run_one, list(enumerate(examples)))
+    results = executor.execute(run_one, list(enumerate(examples, start)))
     records = [r for r in results if r is not None]
     return EvalResult(records=records, attempted=len(records), total=len(examples),
                       stopped_by_budget=stop.is_set() or bool(run_tally and run_tally.full),

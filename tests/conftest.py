@@ -16,6 +16,8 @@ os.environ["HF_DATASETS_CACHE"] = str(_session_dir / "hf-datasets")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["TQDM_DISABLE"] = "1"
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray's local clusters listen on 127.0.0.1 only (optimize.scale)
 
 import pytest  # noqa: E402
 
@@ -63,6 +65,16 @@ def sequential_lm():
     from optimize.llm.engine import build_lm
 
     return build_lm(ModelConfig(engine="sequential", cache=False, max_tokens=48, n_ctx=2048))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One real local Ray cluster for the session's Ray tests (2 CPUs, on 127.0.0.1; about 5-15 s to start)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
 
 
 @pytest.fixture

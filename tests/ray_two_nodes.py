@@ -1,0 +1,47 @@
+"""A sweep on a two-node Ray cluster (ray.cluster_utils.Cluster, one CPU each), printed as JSON.
+
+Run by tests/test_ray.py in a process of its own: a Cluster and the session's `ray.init` cannot share one.
+Usage: python tests/ray_two_nodes.py '<experiment as JSON>'
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from optimize.experiment import ExperimentResult
+
+# Results must match across backends, costs and timings aside: these metrics, and each chain's answer.
+SAME = ("n", "successes", "accuracy", "attempted", "planned", "errors", "error_rate", "parse_failures",
+        "validator_failures", "retries", "steps", "lm_calls", "output_tokens", "tokens_total", "tokens_per_success")
+
+
+def answers(result: ExperimentResult) -> list:
+    """Per trial: its name, each chain's (index, id, answer, success, steps, error, tokens), and SAME metrics."""
+    return [[t.trial.run_name,
+             [[r.index, r.example_id, r.predicted, r.success, r.steps, r.error, r.usage.tokens] for r in t.records],
+             {k: t.metrics[k] for k in SAME}] for t in result.trials]
+
+
+def main(experiment: str) -> None:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from optimize.config import parse_experiment
+    from optimize.experiment import run_experiment
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        lines: list[str] = []
+        result = run_experiment(parse_experiment(json.loads(experiment)), progress=lines.append)
+        nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+        print(json.dumps({"lines": lines, "answers": answers(result), "nodes": nodes}))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
