@@ -49,14 +49,14 @@ class BaselineSpec:
 def _tfidf_1nn(texts: list[str], labels: list[str]) -> Predict:
     """The label of the most similar training text by cosine (rows are L2-normed: a dot product); ties and a
     query sharing no term with any training text go to the earliest training example."""
-    vectorizer = tfidf_vectorizer(texts)
-    matrix = vectorizer.transform(texts)
-    return lambda text: labels[int(np.argmax((matrix @ vectorizer.transform([text]).T).toarray()[:, 0]))]
+    vectorizer = tfidf_vectorizer()
+    matrix = vectorizer.fit_transform(texts).T.tocsr()  # term by example: a query's product reads its terms only
+    return lambda text: labels[int(np.argmax((vectorizer.transform([text]) @ matrix).toarray()[0]))]
 
 
 def _tfidf_logreg(texts: list[str], labels: list[str]) -> Predict:
-    vectorizer = tfidf_vectorizer(texts)
-    model = LogisticRegression(max_iter=2000, random_state=RANDOM_STATE).fit(vectorizer.transform(texts), labels)
+    vectorizer = tfidf_vectorizer()
+    model = LogisticRegression(max_iter=2000, random_state=RANDOM_STATE).fit(vectorizer.fit_transform(texts), labels)
     return lambda text: str(model.predict(vectorizer.transform([text]))[0])
 
 

@@ -131,7 +131,7 @@ def input_text(example: dspy.Example, input_fields: tuple[str, ...]) -> str:
 
 def tfidf_embedder(trainset: list[dspy.Example], input_fields: tuple[str, ...]) -> dspy.Embedder:
     """A lexical embedder that works offline: TF-IDF fitted on the training inputs."""
-    vectorizer = tfidf_vectorizer([input_text(e, input_fields) for e in trainset])
+    vectorizer = tfidf_vectorizer().fit([input_text(e, input_fields) for e in trainset])
     # No caching: DSPy's embedding cache is keyed on the texts, not on this vectorizer, so vectors of
     # another run's vocabulary would come back for the same query.
     return dspy.Embedder(lambda texts: np.asarray(vectorizer.transform(texts).todense(), dtype=np.float32),

@@ -24,11 +24,12 @@ from optimize.experiment import experiment_hash, run_experiment
 from ray_two_nodes import answers
 
 ROOT = Path(__file__).resolve().parents[1]
-# Two trials (zero-shot, labelled 2-shot) on three Banking77 examples: three shards on two workers are uneven.
+# Four trials (two programs, zero-shot and labelled 2-shot) on three Banking77 examples: three shards on two
+# workers are uneven.
 # The response cache is off, so each backend really asks the model.
 EXPERIMENT = {"models": [{"spec": "smollm2-135m", "max_tokens": 32, "cache": False}],
               "data": {"dataset": "banking77", "train": 2, "test": 3, "seed": 29},
-              "programs": [{"name": "intent.predict"}],
+              "programs": [{"name": "intent.predict"}, {"name": "intent.retrieve"}],
               "optimizers": [{"name": "none"}, {"name": "labeled_fewshot", "settings": {"k": 2}}],
               "eval": {"threads": 2}, "budget": {"max_retries": 0}}
 
@@ -75,7 +76,7 @@ def test_chainopt_run_ray_with_nothing_at_the_address_names_it_at_once(capsys):
 def test_ray_gives_the_local_answers_and_metrics(ray_cluster, local_run):
     lines: list[str] = []
     result = run_experiment(experiment("ray-same", backend="ray"), progress=lines.append)
-    assert answers(result) == answers(local_run)
+    assert len(result.trials) == 4 and answers(result) == answers(local_run)
     assert [r.index for r in result.trials[0].records] == [0, 1, 2]
     assert any(line.startswith("ray: 2 workers (1 CPU each) on 1 node(s): 127.0.0.1") for line in lines), lines
     assert any("in 2 shards on 2 workers: 3/3" in line and "ex/s" in line for line in lines), lines
