@@ -352,9 +352,9 @@ def log_chain_traces(records: list["ChainRecord"], sample: int, program: str) ->
     their measured costs hold no tracing): a root CHAIN span with the chain's inputs, answer, gold answer,
     verdict (success, score, validator failures, retries, parse failure, error) and token totals; under it,
     in the order they happened and at their recorded times, one LLM span per LM call (step, model, tokens
-    computed, reused and generated, cached or not) and one GUARDRAIL span per validator verdict (ERROR when
-    it rejected, with the reason, the value checked and whether a retry followed). Returns how many were
-    written.
+    computed, reused and generated, cached or not) and one GUARDRAIL span per validator verdict, named
+    by the validator and the verdict ("check_label: rejected, retried"; ERROR when it rejected, with the
+    reason, the value checked and whether a retry followed). Returns how many were written.
 
     The model is an attribute of chainopt's own, not MLflow's `mlflow.llm.model`: with that set, MLflow
     prices each span through litellm, whose import fetches a price list over the network."""
@@ -388,8 +388,9 @@ def log_chain_traces(records: list["ChainRecord"], sample: int, program: str) ->
                                 "chainopt.output_tokens": event["output"], SpanAttributeKey.CHAT_USAGE: usage})
                 span.end(end_time_ns=event["end_ns"])
             else:
+                said = "accepted" if event["accepted"] else "rejected, retried" if event["retry"] else "rejected"
                 span = mlflow.start_span_no_context(
-                    event["validator"], span_type=SpanType.GUARDRAIL, parent_span=root,
+                    f"{event['validator']}: {said}", span_type=SpanType.GUARDRAIL, parent_span=root,
                     inputs={"value": event["value"]}, start_time_ns=event["time_ns"],
                     attributes={"chainopt.step": event["step"], "chainopt.accepted": event["accepted"],
                                 "chainopt.retry": event["retry"]})

@@ -107,6 +107,7 @@ def test_a_trace_has_a_span_per_counted_call_and_per_verdict_in_the_run(mlflow_s
         assert [(s.start_time_ns, s.end_time_ns) for s in llm] == [(e["start_ns"], e["end_ns"]) for e in calls]
         assert llm[0].attributes["chainopt.model"] == "dummy"
         rejected, accepted = spans["GUARDRAIL"]
+        assert (rejected.name, accepted.name) == ("check_label: rejected, retried", "check_label: accepted")
         assert rejected.status.status_code.value == "ERROR" and "not an allowed label" in rejected.status.description
         assert rejected.attributes["chainopt.retry"] is True and rejected.inputs == {"value": "my card is lost"}
         assert accepted.status.status_code.value == "OK" and accepted.attributes["chainopt.accepted"] is True
