@@ -4,7 +4,8 @@ Metering: the engine reports each LM call's usage to its observers (optimize.llm
 module is one, registered on import, so whoever opens a scope here is metered. What a call spent lands
 in every open `Tally` of the calling thread (a chain, a compile phase, a whole run), so one call is
 counted once per scope that asked. Programs label their steps with `programs.contract.step("name")`
-to get tokens per step.
+to get tokens per step. A scope opened with `events=True` (a chain's) also keeps each call as an event, in
+order with the validator verdicts the programs report (`programs.contract.judging`), for its trace.
 
 Budgets are ceilings: a scope at its ceiling refuses the next call, and a call that carries a scope
 past its ceiling raises `BudgetExceeded` once it is recorded (its tokens were spent and are counted).
@@ -15,10 +16,11 @@ from __future__ import annotations
 import contextvars
 import math
 import threading
+import time
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 from optimize.errors import BudgetExceeded
 from optimize.llm.types import Observer, Usage, observe
@@ -33,12 +35,21 @@ class Tally:
     limit: int | None = None
     usage: Usage = field(default_factory=Usage)
     by_step: dict[str, Usage] = field(default_factory=lambda: defaultdict(Usage))
+    events: list[dict[str, Any]] | None = None  # kept only when asked for (a chain's scope): see lm_event
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def add(self, call: Usage, step_name: str) -> None:
+    def add(self, call: Usage, step_name: str, event: dict[str, Any] | None = None) -> None:
         with self._lock:
             self.usage = self.usage + call
             self.by_step[step_name] = self.by_step[step_name] + call
+            if self.events is not None and event is not None:
+                self.events.append(event)
+
+    def log(self, event: dict[str, Any]) -> None:
+        """Keep an event that is not an LM call (a validator's verdict), in order with the calls."""
+        with self._lock:
+            if self.events is not None:
+                self.events.append(event)
 
     @property
     def full(self) -> bool:
@@ -62,9 +73,11 @@ _shared_lock = threading.Lock()
 
 
 @contextmanager
-def metered(label: str = "", limit: int | None = None, *, all_threads: bool = False) -> Iterator[Tally]:
-    """Count every LM call made inside the block (by this thread, or by any thread when all_threads)."""
-    tally = Tally(label=label, limit=limit)
+def metered(label: str = "", limit: int | None = None, *, all_threads: bool = False,
+            events: bool = False) -> Iterator[Tally]:
+    """Count every LM call made inside the block (by this thread, or by any thread when all_threads), and
+    keep each as an event too when `events`."""
+    tally = Tally(label=label, limit=limit, events=[] if events else None)
     if all_threads:
         with _shared_lock:
             _shared.append(tally)
@@ -92,12 +105,24 @@ def check_budgets() -> None:
         tally.check()
 
 
-def record(call: Usage) -> None:
+def lm_event(call: Usage, step_name: str, model: str) -> dict[str, Any]:
+    """One LM call as plain data (JSON and pickle as they are), timed now that it has returned: epoch
+    nanoseconds, ending now, starting its measured seconds earlier; a call answered from DSPy's response
+    cache took no time (its usage is the computing call's, replayed)."""
+    end = time.time_ns()
+    start = end if call.cached else end - int(call.seconds * 1e9)
+    return {"kind": "lm", "step": step_name, "model": model, "start_ns": start, "end_ns": end,
+            "input_computed": call.input_computed, "input_reused": call.input_reused, "output": call.output,
+            "cached": bool(call.cached)}
+
+
+def record(call: Usage, model: str = "") -> None:
     """Called after every LM call: count it in every open scope, then refuse it if it crossed a ceiling."""
     name = current_step()
     scopes = _open_scopes()
+    event = lm_event(call, name, model) if any(t.events is not None for t in scopes) else None
     for tally in scopes:
-        tally.add(call, name)
+        tally.add(call, name, event)
     for tally in scopes:
         if tally.over:
             raise BudgetExceeded(tally.label or "chain", tally.limit, tally.usage.tokens)

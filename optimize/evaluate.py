@@ -18,11 +18,19 @@ from dspy.utils.parallelizer import ParallelExecutor
 
 from optimize import cost
 from optimize.errors import BudgetExceeded
+from programs.contract import judging
 
 
 @dataclass
 class ChainRecord:
-    """What one example's chain did and spent."""
+    """What one example's chain did and spent.
+
+    `events` is what the chain did, in order, as plain dicts (JSON and pickle as they are; times in epoch
+    nanoseconds): each LM call (`kind` "lm": step, model, start_ns, end_ns, input_computed, input_reused,
+    output, cached; optimize.cost.lm_event) and each validator verdict (`kind` "verdict": step, validator,
+    accepted, reason, value, retry, time_ns; programs.contract.judge). They are the calls counted in `usage`
+    and the rejections counted in `validator_failures`, recorded where those are counted; a trace is
+    written from them (optimize.tracking.log_chain_traces)."""
 
     index: int
     example_id: str
@@ -40,6 +48,8 @@ class ChainRecord:
     usage: cost.Usage = field(default_factory=cost.Usage)
     by_step: dict[str, cost.Usage] = field(default_factory=dict)
     seconds: float = 0.0
+    start_ns: int = 0  # when the chain started, epoch nanoseconds
+    events: list[dict[str, Any]] = field(default_factory=list)
     # A cascade's chain (programs/cascade.py): the model that answered, why the first was escalated ("" when
     # it was not), what each model tried said, and whether the first model's own answer was right.
     answered_by: str = ""
@@ -108,8 +118,8 @@ def evaluate(program: dspy.Module, examples: list[dspy.Example], metric: Callabl
         inputs = dict(example.inputs())
         record = ChainRecord(index=index, example_id=str(example.get("id", index)), inputs=inputs,
                              gold=example.get(answer_field))
-        start = time.perf_counter()
-        with cost.metered(f"chain {record.example_id}", chain_tokens) as tally:
+        start, record.start_ns = time.perf_counter(), time.time_ns()
+        with cost.metered(f"chain {record.example_id}", chain_tokens, events=True) as tally, judging(tally.log):
             try:
                 pred = program(**inputs)
                 record.predicted = pred.get(answer_field)
@@ -137,7 +147,7 @@ def evaluate(program: dspy.Module, examples: list[dspy.Example], metric: Callabl
             record.success, record.budget_exceeded = False, True
             record.error = str(BudgetExceeded(tally.label, tally.limit, tally.usage.tokens))
         record.seconds = time.perf_counter() - start
-        record.usage, record.by_step = tally.usage, dict(tally.by_step)
+        record.usage, record.by_step, record.events = tally.usage, dict(tally.by_step), tally.events
         if on_record:
             on_record(record)
         return record

@@ -349,39 +349,58 @@ def requirements() -> list[str]:
 def log_chain_traces(records: list["ChainRecord"], sample: int, program: str) -> int:
     """One MLflow trace per evaluated chain for the first `sample` examples (by index), in the active run's
     Traces tab, written from each chain's record once the evaluation is over (the chains run untraced, so
-    tracing costs them nothing): a root span with the chain's inputs, answer, gold answer and verdict
-    (success, score, validator failures, retries, parse failure, error) and one LLM span per step with its
-    tokens computed, reused and generated, its calls and seconds. The durations are the measured ones; the
-    start times are laid out back to back ending when the trace is written. Returns how many were written."""
-    from mlflow.entities import SpanStatusCode, SpanType
+    their measured costs hold no tracing): a root CHAIN span with the chain's inputs, answer, gold answer,
+    verdict (success, score, validator failures, retries, parse failure, error) and token totals; under it,
+    in the order they happened and at their recorded times, one LLM span per LM call (step, model, tokens
+    computed, reused and generated, cached or not) and one GUARDRAIL span per validator verdict, named
+    by the validator and the verdict ("check_label: rejected, retried"; ERROR when it rejected, with the
+    reason, the value checked and whether a retry followed). Returns how many were written.
+
+    The model is an attribute of chainopt's own, not MLflow's `mlflow.llm.model`: with that set, MLflow
+    prices each span through litellm, whose import fetches a price list over the network."""
+    from mlflow.entities import SpanStatus, SpanStatusCode, SpanType
+    from mlflow.tracing.constant import SpanAttributeKey
 
     experiment_id = mlflow.active_run().info.experiment_id  # the run's, not MLflow's default experiment
     written = 0
     for record in sorted(records, key=lambda r: r.index)[:sample]:
-        end = time.time_ns()
-        start = end - int(record.seconds * 1e9)
         verdict = {"chainopt.success": record.success, "chainopt.score": record.score,
                    "chainopt.gold": json.dumps(record.gold, default=str), "chainopt.steps": record.steps,
                    "chainopt.validator_failures": record.validator_failures, "chainopt.retries": record.retries,
                    "chainopt.parse_failure": record.parse_failure, "chainopt.error": record.error or "",
+                   "chainopt.lm_calls": record.usage.calls,
                    "chainopt.input_tokens_computed": record.usage.input_computed,
                    "chainopt.input_tokens_reused": record.usage.input_reused,
                    "chainopt.output_tokens": record.usage.output}
         root = mlflow.start_span_no_context(f"{program} {record.example_id}", span_type=SpanType.CHAIN,
-                                            inputs=record.inputs, attributes=verdict, start_time_ns=start,
-                                            experiment_id=experiment_id)
-        at = start
-        for step, usage in record.by_step.items():
-            span = mlflow.start_span_no_context(
-                step, span_type=SpanType.LLM, parent_span=root, start_time_ns=at,
-                attributes={"chainopt.input_tokens_computed": usage.input_computed,
-                            "chainopt.input_tokens_reused": usage.input_reused,
-                            "chainopt.output_tokens": usage.output, "chainopt.calls": usage.calls,
-                            "chainopt.cached_calls": usage.cached})
-            at = min(end, at + int(usage.seconds * 1e9))
-            span.end(outputs={"tokens": usage.tokens}, end_time_ns=at)
+                                            inputs=record.inputs, attributes=verdict,
+                                            start_time_ns=record.start_ns, experiment_id=experiment_id)
+        for event in record.events:
+            if event["kind"] == "lm":
+                inputs = event["input_computed"] + event["input_reused"]
+                usage = {"input_tokens": inputs, "output_tokens": event["output"],
+                         "total_tokens": inputs + event["output"], "cache_read_input_tokens": event["input_reused"]}
+                span = mlflow.start_span_no_context(
+                    event["step"], span_type=SpanType.LLM, parent_span=root, start_time_ns=event["start_ns"],
+                    attributes={"chainopt.model": event["model"], "chainopt.cached": event["cached"],
+                                "chainopt.input_tokens_computed": event["input_computed"],
+                                "chainopt.input_tokens_reused": event["input_reused"],
+                                "chainopt.output_tokens": event["output"], SpanAttributeKey.CHAT_USAGE: usage})
+                span.end(end_time_ns=event["end_ns"])
+            else:
+                said = "accepted" if event["accepted"] else "rejected, retried" if event["retry"] else "rejected"
+                span = mlflow.start_span_no_context(
+                    f"{event['validator']}: {said}", span_type=SpanType.GUARDRAIL, parent_span=root,
+                    inputs={"value": event["value"]}, start_time_ns=event["time_ns"],
+                    attributes={"chainopt.step": event["step"], "chainopt.accepted": event["accepted"],
+                                "chainopt.retry": event["retry"]})
+                span.end(outputs={"accepted": event["accepted"], "reason": event["reason"],
+                                  "retry": event["retry"]},
+                         status=SpanStatus(SpanStatusCode.OK) if event["accepted"]
+                         else SpanStatus(SpanStatusCode.ERROR, event["reason"]), end_time_ns=event["time_ns"])
         root.end(outputs={"answer": record.predicted, "success": record.success},
-                 status=SpanStatusCode.ERROR if record.error else SpanStatusCode.OK, end_time_ns=end)
+                 status=SpanStatusCode.ERROR if record.error else SpanStatusCode.OK,
+                 end_time_ns=record.start_ns + int(record.seconds * 1e9))
         written += 1
     mlflow.flush_trace_async_logging()  # in the store before the run ends
     return written

@@ -44,7 +44,7 @@ PROGRAMS: Registry[ProgramSpec] = Registry("program", _PROGRAMS)
 STOPPED_BY_BUDGET = "run_token_budget"
 
 # A choice's confidence, as the engine reports it, reaches the program that asked (a cascade listens for it).
-observe(Observer(before=lambda: None, after=lambda call: None, heard=hear))
+observe(Observer(before=lambda: None, after=lambda call, model: None, heard=hear))
 
 
 def get_program(name: str) -> ProgramSpec:

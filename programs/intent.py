@@ -65,6 +65,7 @@ def _choose(predictor: dspy.Module, output: str, inputs: dict[str, Any], labels:
     record.steps += 1
     value, note = ask(predictor, output, inputs, record)
     label = check_label(str(value), labels)
+    record.accept("check_label", value)
     record.note(note)
     return label
 
@@ -75,13 +76,13 @@ def _retry(predictor: dspy.Module, output: str, inputs: dict[str, Any], labels: 
     check or `max_retries` is spent. The feedback grows with each rejection, so no retry repeats the same
     input (and DSPy's cached output)."""
     while record.retries < max_retries:
-        record.retries += 1
+        record.retry()
         with step(name):
             try:
                 return _choose(predictor, output, {**inputs, "feedback": "\n".join(rejections)}, labels, record)
             except (LabelError, UnreadableOutput) as e:
                 rejections.append(f"retry {record.retries}: {e}")
-                record.fail(rejections[-1])
+                record.fail(rejections[-1], "check_label", e.value)
     return None
 
 
@@ -102,7 +103,7 @@ class IntentClassifier(dspy.Module):
             try:
                 label = _choose(self.classify, self.output, inputs, self.labels, record)
             except (LabelError, UnreadableOutput) as e:
-                record.fail(f"classify: {e}")
+                record.fail(f"classify: {e}", "check_label", e.value)
         return record.prediction(**{self.output: label})
 
 
@@ -157,7 +158,7 @@ class IntentChain(dspy.Module):
         except (LabelError, UnreadableOutput) as e:
             stage = "group" if group is None else f"label in group {group}"
             rejections.append(f"{stage}: {e}")
-            record.fail(rejections[-1])
+            record.fail(rejections[-1], "check_label", e.value)
         if label is None:
             label = _retry(self.retry, self.output, inputs, self.labels, rejections, record, self.max_retries,
                            "label.retry")
@@ -227,7 +228,7 @@ class IntentRetrieve(dspy.Module):
                     label = _choose(*self._request(inputs, demos, choices), choices, record=record)
                 except (LabelError, UnreadableOutput) as e:
                     rejections.append(f"classify: {e}")
-                    record.fail(rejections[-1])
+                    record.fail(rejections[-1], "check_label", e.value)
         if label is None:
             label = _retry(self.retry, self.output, inputs, self.labels, rejections, record,
                            self.settings["max_retries"], "classify.retry")

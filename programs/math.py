@@ -37,14 +37,15 @@ class MathSolver(dspy.Module):
 
     def forward(self, **kwargs: Any) -> dspy.Prediction:
         record = Record(steps=1)
-        answer = None
+        answer = value = None
         with step("solve"):
             try:
                 value, note = ask(self.solve, self.output, {name: kwargs[name] for name in self.inputs}, record)
                 answer = parse_number(value)
+                record.accept("parse_number", value)
                 record.note(note)
             except ValueError as e:  # UnreadableOutput, or no number in the raw answer
-                record.fail(f"solve: {e}")
+                record.fail(f"solve: {e}", "parse_number", value)
         return record.prediction(**{self.output: answer})
 
 
@@ -91,17 +92,19 @@ class MathChain(dspy.Module):
         answer: Number | None = None
         while answer is None and (not errors or record.retries < self.max_retries):
             if errors:
-                record.retries += 1
+                record.retry()
             feedback = "\n".join(errors) if errors else NO_FEEDBACK
             record.steps += 1
             with step("plan" if not errors else "plan.retry"):
+                steps = None
                 try:
                     steps, note = ask(self.plan, "steps", {**inputs, "feedback": feedback}, record)
                     record.note(note)
                     answer = self._compute(steps, record)
+                    record.accept("evaluate_steps", steps)
                 except (CalculatorError, UnreadableOutput) as e:
                     errors.append(f"attempt {len(errors) + 1}: {e}")
-                    record.fail(errors[-1])
+                    record.fail(errors[-1], "evaluate_steps", steps)
         return record.prediction(**{self.output: answer})
 
     def _compute(self, steps: Any, record: Record) -> Number:
@@ -258,7 +261,7 @@ class MathExpression(dspy.Module):
         inputs = {name: kwargs[name] for name in self.inputs}
         numbers = problem_numbers(self.retrieve.text(inputs))
         if not numbers:
-            record.fail("the problem has no numbers to write an expression with")
+            record.fail("the problem has no numbers to write an expression with", "problem_numbers")
             return record.prediction(**{self.output: None, EXPRESSION: None, "agreement": 0.0})
         pattern = expression_pattern(numbers)
         with step("retrieve"):
@@ -272,13 +275,15 @@ class MathExpression(dspy.Module):
             config = {"temperature": SAMPLE_TEMPERATURE, "seed": sample} if sample else {}
             record.steps += 1
             with step("expression" if not sample else "expression.sample"):
+                text = None
                 try:
                     text, note = ask(self.write, EXPRESSION, {**call, "config": config}, record)
                     record.note(note)
                     computed.append((_compute_expression(str(text).strip(), pattern), str(text).strip()))
+                    record.accept("calculate", text)
                     record.note(f"{computed[-1][1]} = {format_number(computed[-1][0])}")
                 except (CalculatorError, UnreadableOutput) as e:
-                    record.fail(f"sample {sample + 1}: {e}")
+                    record.fail(f"sample {sample + 1}: {e}", "calculate", text)
         if not computed:
             return record.prediction(**{self.output: None, EXPRESSION: None, "agreement": 0.0})
         votes = Counter(value for value, _ in computed)

@@ -40,6 +40,7 @@ def _choose_set(predictor: dspy.Module, output: str, inputs: dict[str, Any], lab
     record.steps += 1
     value, note = ask(predictor, output, inputs, record)
     chosen = check_labels(value, labels)
+    record.accept("check_labels", value)
     record.note(note)
     return chosen
 
@@ -61,7 +62,7 @@ class MultiLabelPredict(dspy.Module):
             try:
                 chosen = _choose_set(self.classify, self.output, inputs, self.labels, record)
             except (LabelError, UnreadableOutput) as e:
-                record.fail(f"classify: {e}")
+                record.fail(f"classify: {e}", "check_labels", e.value)
         return record.prediction(**{self.output: chosen})
 
 
@@ -112,9 +113,9 @@ class MultiLabelRetrieve(dspy.Module):
                     chosen = _choose_set(self.classify, self.output, call, choices, record)
                 except (LabelError, UnreadableOutput) as e:
                     rejections.append(f"classify: {e}")
-                    record.fail(rejections[-1])
+                    record.fail(rejections[-1], "check_labels", e.value)
         while chosen is None and record.retries < self.settings["max_retries"]:
-            record.retries += 1
+            record.retry()
             with step("classify.retry"):
                 try:
                     feedback = "\n".join(rejections)
@@ -122,7 +123,7 @@ class MultiLabelRetrieve(dspy.Module):
                                          record)
                 except (LabelError, UnreadableOutput) as e:
                     rejections.append(f"retry {record.retries}: {e}")
-                    record.fail(rejections[-1])
+                    record.fail(rejections[-1], "check_labels", e.value)
         return record.prediction(**{self.output: chosen})
 
 

@@ -10,7 +10,7 @@ import dspy
 from dspy.predict.parameter import Parameter
 from dspy.utils.exceptions import AdapterParseError
 
-from programs.contract import ProgramError
+from programs.contract import ProgramError, judge
 
 TaskKind = Literal["intent", "multilabel", "math", "qa"]
 Metric = Callable[..., Any]  # metric(gold, pred, trace=None, pred_name=None, pred_trace=None)
@@ -90,14 +90,29 @@ class Record:
     retries: int = 0
     parse_failures: int = 0  # answers the adapter could not parse (recovered from raw text or not)
     trace_notes: list[str] = field(default_factory=list)
+    _rejected: dict[str, Any] | None = field(default=None, repr=False)  # the last rejection, until retried
 
     def note(self, text: str | None) -> None:
         if text:
             self.trace_notes.append(text)
 
-    def fail(self, text: str) -> None:
+    def accept(self, validator: str, value: Any) -> None:
+        """`validator` passed `value`: reported to the runner (programs.contract.judge) for the chain's trace."""
+        judge(validator, True, value)
+
+    def fail(self, text: str, validator: str, value: Any = None) -> None:
+        """`validator` rejected `value` for the reason `text`: counted, noted, and reported to the runner."""
         self.validator_failures += 1
         self.trace_notes.append(text)
+        self._rejected = judge(validator, False, value, text)
+
+    def retry(self) -> None:
+        """Count a retry; the last rejection's reported verdict (the same dict the runner holds) says that a
+        retry followed it."""
+        self.retries += 1
+        if self._rejected is not None:
+            self._rejected["retry"] = True
+            self._rejected = None
 
     def prediction(self, **outputs: Any) -> dspy.Prediction:
         return dspy.Prediction(
@@ -112,6 +127,8 @@ class Record:
 
 class UnreadableOutput(ValueError):
     """An LM answer that the adapter could not parse and that holds no value for the wanted field."""
+
+    value = None  # what a validator's error holds of the rejected answer (LabelError.value): nothing here
 
 
 def ask(predictor: dspy.Module, output: str, inputs: Mapping[str, Any], record: Record) -> tuple[Any, str | None]:

@@ -2,8 +2,9 @@
 
 Runs the tiny real experiment (tests/data/tiny.toml) once for the module, then checks that MLflow's UI lists
 the runs with their accuracy and cost-per-success values and, for each child, its datasets (name and digest)
-and logged model; that a run page shows its datasets, logged model and registered prompt; that it shows the
-Pareto plot artifact, and that the `chainopt report` page renders its plot.
+and logged model; that a run page shows its datasets, logged model and registered prompt; that a run's
+Traces tab lists its chains' traces and one opens on its LLM and validator spans; that it shows the Pareto
+plot artifact, and that the `chainopt report` page renders its plot.
 Screenshots are kept in reports/screenshots/.
 A missing Chromium or Playwright fails these tests (it never skips them): `make install` provides both.
 """
@@ -61,14 +62,17 @@ def page(browser):
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> dict:
-    """A real store: `chainopt run` of the tiny experiment, then `chainopt report` of it."""
+    """A real store: `chainopt run` of the tiny experiment, with traces of 2 chains a run, then `chainopt
+    report` of it."""
     work = tmp_path_factory.mktemp("browser")
+    config = work / "tiny.toml"
+    config.write_text((ROOT / "tests" / "data" / "tiny.toml").read_text(encoding="utf-8")
+                      + "\n[tracking]\ntraces = true\ntrace_examples = 2\n", encoding="utf-8")
     uri = f"sqlite:///{work / 'mlflow.db'}"
     # PYTHONPATH: this checkout's chainopt, not whichever one is installed in the environment.
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT)}
     chainopt = [sys.executable, "-m", "optimize"]
-    config = str(ROOT / "tests" / "data" / "tiny.toml")
-    for args in (["run", config, "-q"], ["report", config, "--json"]):
+    for args in (["run", str(config), "-q"], ["report", str(config), "--json"]):
         done = subprocess.run(chainopt + args, cwd=work, env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stderr[-2000:]
     report = work / json.loads(done.stdout)["path"]
@@ -180,6 +184,23 @@ def test_run_page_shows_datasets_logged_model_and_registered_prompt(page, ui, st
     page.screenshot(path=str(SHOTS / "mlflow-run-records.png"), full_page=True)
     page.get_by_text("Logged models (1)").first.scroll_into_view_if_needed()
     page.screenshot(path=str(SHOTS / "mlflow-run-logged-model.png"))
+
+
+def test_traces_tab_lists_the_chains_and_a_trace_shows_its_llm_and_validator_spans(page, ui, store):
+    """The zero-shot child's Traces tab lists its 2 traced chains; opening one shows the chain, its LM call
+    (step `classify`) and the label check's verdict. Fails if the run has no traces (traces not written, or
+    not linked to the run) or a trace lacks its LLM or validator span."""
+    child = next(c for c in store["children"] if "labeled_fewshot" not in c.info.run_name)
+    page.goto(f"{ui}/runs/{child.info.run_id}/traces?workflowType=machine_learning")
+    ids = page.get_by_text("tr-", exact=False)
+    ids.first.wait_for()
+    _close_assistant(page)
+    assert ids.count() == 2
+    ids.first.click()
+    page.get_by_text("Spans", exact=True).first.wait_for()
+    page.get_by_text("classify", exact=True).first.wait_for()  # the LLM span
+    page.get_by_text("check_label: ", exact=False).first.wait_for()  # the validator's verdict
+    page.screenshot(path=str(SHOTS / "mlflow-run-trace.png"))
 
 
 def test_parent_run_shows_the_pareto_plot(page, ui, store):

@@ -77,7 +77,7 @@ class Scripted(dspy.Module):
         if probability is not None:
             hear({"field": "intent", "label": answer, "probability": probability, "margin": probability / 2})
         if rejected:
-            record.fail("classify: not a label")
+            record.fail("classify: not a label", "check_label", "not a label")
         return record.prediction(intent=answer, **({"agreement": agreement} if agreement is not None else {}))
 
 

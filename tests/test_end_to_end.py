@@ -58,6 +58,13 @@ def test_run_records_metrics_params_and_artifacts(finished):
     assert "break_even_queries_seconds" in fewshot.data.metrics
 
 
+def test_no_trace_is_written_when_traces_are_off(finished):
+    """e2e.toml leaves `[tracking] traces` at its default (off). Fails if a run writes traces anyway."""
+    folder, uri = finished
+    (run, *_) = _children(uri)
+    assert mlflow.search_traces(locations=[run.info.experiment_id], return_type="list") == []
+
+
 def test_parent_has_pareto_plot_and_children_are_marked(finished):
     folder, uri = finished
     runs = _children(uri)

@@ -186,7 +186,7 @@ class LlamaEngine:
         with self._totals_lock:
             self.totals = self.totals + call
         for observer in watching:
-            observer.after(call)
+            observer.after(call, request.model)
         extra = {CONFIDENCE_KEY: done.confidence} if done.confidence is not None else {}
         return Response(id=None, model=request.model, message=Message.assistant([TextPart(done.text)]),
                         finish_reason=done.finish_reason,
@@ -244,7 +244,7 @@ class LocalLM(dspy.LM):
         if not entry.get("usage") and USAGE_KEY in data:
             replayed = Usage(**{**data[USAGE_KEY], "cached": 1})
             for observer in observers():
-                observer.after(replayed)
+                observer.after(replayed, response.model)
         if data.get(CONFIDENCE_KEY) is not None:
             for observer in observers():
                 if observer.heard is not None:

@@ -75,11 +75,12 @@ class Usage:
 
 @dataclass(frozen=True)
 class Observer:
-    """Told about every LM call: `before` may refuse it by raising; `after` gets what it spent (and may
-    raise too: a ceiling crossed by this very call); `heard`, if set, gets a choice's confidence."""
+    """Told about every LM call: `before` may refuse it by raising; `after` gets what it spent and the name
+    of the model that answered (and may raise too: a ceiling crossed by this very call); `heard`, if set,
+    gets a choice's confidence."""
 
     before: Callable[[], None]
-    after: Callable[[Usage], None]
+    after: Callable[[Usage, str], None]
     # Told, in the calling thread, how sure the model was of a choice it answered (a computed or a cached call).
     heard: Callable[[dict], None] | None = None
 
