@@ -161,3 +161,4 @@ def test_a_two_node_cluster_runs_a_worker_on_each_node_with_the_same_results(loc
     assert workers.startswith("ray: 2 workers (1 CPU each) on 2 node(s)")
     assert all(node[:12] in workers for node in out["nodes"])  # one worker on each node
     assert out["answers"] == json.loads(json.dumps(answers(local_run)))
+
