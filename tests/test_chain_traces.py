@@ -4,6 +4,8 @@ from them: one LLM span per counted call, one validator span per verdict, in the
 import json
 import pickle
 
+import time
+
 import dspy
 import mlflow
 import pytest
@@ -27,9 +29,12 @@ CALL = Usage(input_computed=30, input_reused=70, output=5, calls=1, seconds=0.02
 
 
 class MeteredLM(DummyLM):
-    """DummyLM that reports each call's usage as the engine does, under the model name `dummy`."""
+    """DummyLM that reports each call's usage as the engine does, under the model name `dummy`: after the
+    call, which really takes the seconds it reports (an instant call reporting 20 ms would seem to start
+    before its chain)."""
 
     def __call__(self, *args, **kwargs):
+        time.sleep(CALL.seconds)
         cost.record(CALL, "dummy")
         return super().__call__(*args, **kwargs)
 
