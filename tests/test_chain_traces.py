@@ -3,7 +3,6 @@ from them: one LLM span per counted call, one validator span per verdict, in the
 
 import json
 import pickle
-
 import time
 
 import dspy
