@@ -55,7 +55,7 @@ class _Index:
 # Character n-grams within words, not words: they match "top-up"/"topped up", "cards"/"card" and typos. On
 # Banking77 (9,900 training requests, 200 test) 1-NN goes from 72% with words and word pairs to 81%, and the
 # gold label is among the 8 neighbours' two most common labels 90.5% of the time (86.5% with words); 2-5-grams
-# score the same with twice the vocabulary and build time.
+# score the same with nearly twice the vocabulary (20,254 against 11,173 n-grams) and longer to build.
 TFIDF = {"analyzer": "char_wb", "ngram_range": (2, 4), "sublinear_tf": True}
 
 

@@ -16,7 +16,7 @@ from optimize.errors import ConfigError
 from optimize.llm.confidence import ChoiceTracker
 from optimize.llm.types import Usage, observers
 from optimize.optimizers import SettingsSearch
-from optimize.trial import adapter, get_program, run_trial
+from optimize.trial import adapter, run_trial
 from programs.cascade import Cascade
 from programs.contract import current_step, hear, listening
 from programs.registry import Record

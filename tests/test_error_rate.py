@@ -7,7 +7,6 @@ No model: `build_lm` is replaced by DSPy test LMs, one answering and one whose e
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import dspy
 import mlflow

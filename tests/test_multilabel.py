@@ -199,7 +199,7 @@ def test_the_metric_is_per_example_f1(gold, got, f1):
 def test_exact_set_accuracy_and_f1_from_records():
     """A run's accuracy counts exact sets only (score 1.0); its f1 is the mean score."""
     from optimize.evaluate import EvalResult, evaluate
-    from optimize.trial import chain_metrics, mean_score
+    from optimize.trial import mean_score
 
     examples = [dspy.Example(query=str(i), intents=gold).with_inputs("query")
                 for i, gold in enumerate([["a", "b"], ["a"], ["c"]])]

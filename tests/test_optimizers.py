@@ -294,7 +294,6 @@ def test_two_tfidf_embedders_never_share_cached_vectors():
 
 def search_retrieve(space, splits, task: Oracle):
     """settings_search over intent.retrieve whose pool holds the dev rows: 1-NN alone answers them right."""
-    from optimize import cost
     from programs.retrieval import fill_retrievers
 
     spec, opt = get_program("intent.retrieve"), get_optimizer("settings_search")
