@@ -15,6 +15,15 @@ class Interrupted(KeyboardInterrupt):
 
 
 def _interrupt(signum, frame) -> None:
+    """Stop as Ctrl-C would: whoever holds SIGINT now hears of it first. DSPy's parallel evaluation holds
+    it to cancel its queued examples; without that, its worker threads went on through every example
+    after the exception, and the process could not exit until they were done (minutes, on a slow model)."""
+    current = signal.getsignal(signal.SIGINT)
+    if signum != signal.SIGINT and callable(current) and current is not _interrupt:
+        try:
+            current(signal.SIGINT, frame)
+        except KeyboardInterrupt:
+            pass
     raise Interrupted()
 
 
