@@ -217,16 +217,45 @@ def demo_expression(example: dict[str, Any], question: str, answer_field: str) -
 
 class ExpressionPool(Retriever):
     """A retriever over the training examples that have an expression (`demo_expression`), added to each
-    as `expression`: only those can show the model what to write."""
+    as `expression`: only those can show the model what to write. It also learns what an answer looks
+    like: when every training answer is whole, or none is negative, an answer that is not is implausible."""
 
     def __init__(self, input_fields: Sequence[str], answer_field: str, embedder: str = "tfidf"):
         super().__init__(input_fields, embedder=embedder)
         self.answer_field = answer_field
+        self.whole = self.non_negative = False
 
     def fill(self, examples: Iterable[dspy.Example | dict[str, Any]]) -> None:
         rows = [dict(e.toDict() if isinstance(e, dspy.Example) else e) for e in examples]
+        answers = [number for row in rows if (number := _number_or_none(row.get(self.answer_field))) is not None]
+        self.whole = bool(answers) and all(float(a).is_integer() for a in answers)
+        self.non_negative = bool(answers) and all(a >= 0 for a in answers)
         with_expressions = [(row, demo_expression(row, self.text(row), self.answer_field)) for row in rows]
         super().fill([{**row, EXPRESSION: expression} for row, expression in with_expressions if expression])
+
+    def implausible(self, value: Number) -> str | None:
+        """Why `value` cannot be an answer, judged by the training answers; None when it can."""
+        if self.non_negative and value < 0:
+            return f"{format_number(value)} is negative; no training answer is"
+        if self.whole and not float(value).is_integer():
+            return f"{format_number(value)} is not a whole number; every training answer is"
+        return None
+
+    def dump_state(self, json_mode: bool = True) -> dict[str, Any]:
+        return {**super().dump_state(json_mode), "whole": self.whole, "non_negative": self.non_negative}
+
+    def load_state(self, state: dict[str, Any]) -> "ExpressionPool":
+        super().load_state(state)  # fill() judges the saved examples only: the whole split's verdict is saved
+        self.whole = bool(state.get("whole", self.whole))
+        self.non_negative = bool(state.get("non_negative", self.non_negative))
+        return self
+
+
+def _number_or_none(value: Any) -> Number | None:
+    try:
+        return parse_number(value)
+    except ValueError:
+        return None
 
 
 class MathExpression(dspy.Module):
@@ -238,16 +267,19 @@ class MathExpression(dspy.Module):
     in the problem, + - * / and parentheses; `validators.calculate` computes it. With `samples` > 1 the first
     expression is greedy and the others sampled, and the value most of them compute wins (ties: the earlier);
     its share of the samples is returned as `agreement`. An expression outside the pattern (possible only
-    without the grammar) or one the calculator refuses is a recorded failure, not an exception.
+    without the grammar), one the calculator refuses, or a value no training answer resembles (negative, or
+    a fraction, where none of them is: `ExpressionPool.implausible`) is a recorded failure, and another
+    expression is sampled in its place, up to `max_retries` more calls.
     """
 
-    def __init__(self, task: TaskLike, k: int = 4, samples: int = 1, nearest_last: int = 1,
+    def __init__(self, task: TaskLike, k: int = 4, samples: int = 1, nearest_last: int = 1, max_retries: int = 2,
                  embedder: str = "tfidf"):
         super().__init__()
-        if k < 1 or samples < 1:
-            raise ProgramError(f"math.expr needs k >= 1 and samples >= 1, got k={k}, samples={samples}")
+        if k < 1 or samples < 1 or max_retries < 0:
+            raise ProgramError(f"math.expr needs k >= 1, samples >= 1 and max_retries >= 0, got k={k}, "
+                               f"samples={samples}, max_retries={max_retries}")
         self.inputs, self.output = tuple(task.input_fields), task.answer_field
-        self.settings = Tunable(k=k, samples=samples, nearest_last=nearest_last)
+        self.settings = Tunable(k=k, samples=samples, nearest_last=nearest_last, max_retries=max_retries)
         self.retrieve = ExpressionPool(task.input_fields, task.answer_field, embedder=embedder)
         self.write = dspy.Predict(dspy.Signature(
             {**_inputs(task),
@@ -271,19 +303,28 @@ class MathExpression(dspy.Module):
                 "signature": self.write.signature.with_updated_fields(EXPRESSION,
                                                                       **{OUTPUT_SCHEMA: {"pattern": pattern}})}
         computed: list[tuple[Number, str]] = []
-        for sample in range(self.settings["samples"]):
-            config = {"temperature": SAMPLE_TEMPERATURE, "seed": sample} if sample else {}
+        samples, attempt = self.settings["samples"], 0
+        while len(computed) < samples and attempt < samples + self.settings["max_retries"]:
+            if attempt >= samples:
+                record.retry()
+            config = {"temperature": SAMPLE_TEMPERATURE, "seed": attempt} if attempt else {}
             record.steps += 1
-            with step("expression" if not sample else "expression.sample"):
-                text = None
+            with step("expression" if not attempt else "expression.sample" if attempt < samples else "expression.retry"):
+                text = value = None
                 try:
                     text, note = ask(self.write, EXPRESSION, {**call, "config": config}, record)
                     record.note(note)
-                    computed.append((_compute_expression(str(text).strip(), pattern), str(text).strip()))
+                    value = _compute_expression(str(text).strip(), pattern)
                     record.accept("calculate", text)
-                    record.note(f"{computed[-1][1]} = {format_number(computed[-1][0])}")
+                    if reason := self.retrieve.implausible(value):
+                        record.fail(f"attempt {attempt + 1}: {str(text).strip()} = {reason}", "answer_domain", value)
+                    else:
+                        record.accept("answer_domain", value)
+                        computed.append((value, str(text).strip()))
+                        record.note(f"{computed[-1][1]} = {format_number(value)}")
                 except (CalculatorError, UnreadableOutput) as e:
-                    record.fail(f"sample {sample + 1}: {e}", "calculate", text)
+                    record.fail(f"attempt {attempt + 1}: {e}", "calculate", text)
+            attempt += 1
         if not computed:
             return record.prediction(**{self.output: None, EXPRESSION: None, "agreement": 0.0})
         votes = Counter(value for value, _ in computed)
@@ -319,6 +360,7 @@ SPECS = (
         "math.expr", "math",
         "one expression over the problem's numbers (grammar-constrained, similar solved problems as demos), "
         "computed by a calculator; optional self-consistency vote",
-        MathExpression, _numeric_metric, settings={"k": 4, "samples": 1, "nearest_last": 1, "embedder": "tfidf"},
+        MathExpression, _numeric_metric, settings={"k": 4, "samples": 1, "nearest_last": 1, "max_retries": 2,
+                                                    "embedder": "tfidf"},
     ),
 )

@@ -127,20 +127,55 @@ def test_the_system_prompt_is_the_same_for_every_problem():
 ])
 def test_a_bad_expression_is_a_recorded_failure(expression, failure):
     # ChatAdapter has no decoding grammar: what the model writes reaches the program's own check.
-    prediction, _ = ask(program(), [{"expression": expression}], adapter=dspy.ChatAdapter(use_json_adapter_fallback=False))
+    prediction, _ = ask(program(max_retries=0), [{"expression": expression}],
+                        adapter=dspy.ChatAdapter(use_json_adapter_fallback=False))
     assert prediction.answer is None and prediction.validator_failures == 1
     assert failure in prediction.trace_notes[-1]
 
 
 def test_samples_vote_over_computed_values():
     answers = [{"expression": "8 - 2"}, {"expression": "8 + 2"}, {"expression": "(8 + 2)"}, {"expression": "8 / 0"}]
-    prediction, lm = ask(program(samples=4), answers, adapter=dspy.ChatAdapter(use_json_adapter_fallback=False))
+    prediction, lm = ask(program(samples=4, max_retries=0), answers,
+                         adapter=dspy.ChatAdapter(use_json_adapter_fallback=False))
     assert prediction.answer == 10 and prediction.expression == "8 + 2" and prediction.agreement == 0.5
     assert prediction.steps == 4 and prediction.validator_failures == 1
     assert "vote: 10 from 2 of 4 samples" in prediction.trace_notes
     # The first sample is greedy, the others sampled with their own seeds.
     configs = [entry["kwargs"] for entry in lm.history]
     assert "temperature" not in configs[0] and [c["seed"] for c in configs[1:]] == [1, 2, 3]
+
+
+def test_an_answer_unlike_every_training_answer_is_retried_sampled():
+    # Every training answer here is a whole number >= 0 (the 4.5 one left out): 2 - 8 and 2 / 8 are rejected,
+    # and another expression is sampled in their place, each retry with its own seed.
+    built = get_program("math.expr").build(TASK)
+    fill_retrievers(built, [e for e in POOL if e.answer != "4.5"])
+    answers = [{"expression": "2 - 8"}, {"expression": "2 / 8"}, {"expression": "8 + 2"}]
+    prediction, lm = ask(built, answers)
+    assert prediction.answer == 10 and prediction.expression == "8 + 2"
+    assert (prediction.steps, prediction.validator_failures, prediction.retries) == (3, 2, 2)
+    notes = "\n".join(prediction.trace_notes)
+    assert "attempt 1: 2 - 8 = -6 is negative; no training answer is" in notes
+    assert "attempt 2: 2 / 8 = 0.25 is not a whole number; every training answer is" in notes
+    assert [entry["kwargs"].get("seed") for entry in lm.history] == [None, 1, 2]
+    given_up, _ = ask(built, [{"expression": "2 - 8"}] * 3)
+    assert given_up.answer is None and given_up.validator_failures == 3  # 1 + max_retries (2) tries
+    fractions_allowed = program()  # the full POOL has 4.5: a fraction is a possible answer, a negative is not
+    assert fractions_allowed.retrieve.implausible(0.25) is None and fractions_allowed.retrieve.implausible(-1)
+
+
+def test_the_answers_domain_is_saved_with_the_program(tmp_path):
+    # A training answer of -3 whose equation is wrong: not in the pool, but negatives are possible answers.
+    # Judged again from the saved pool alone, a restored program would reject them.
+    built = get_program("math.expr").build(TASK)
+    fill_retrievers(built, [*POOL, dspy.Example(question="It was 2 degrees and fell 5", answer="-3",
+                                                equation="( 2.0 + 5.0 )").with_inputs("question")])
+    assert not built.retrieve.non_negative and all(e["answer"] != "-3" for e in built.retrieve.examples)
+    path = tmp_path / "program.json"
+    built.save(str(path))
+    restored = get_program("math.expr").build(TASK)
+    restored.load(str(path))
+    assert not restored.retrieve.non_negative and restored.retrieve.implausible(-3) is None
 
 
 def test_a_tie_goes_to_the_greedy_sample():
