@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 SCRIPT = textwrap.dedent("""
     import signal, sys, time
@@ -33,9 +34,10 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_sigterm_cancels_the_examples_not_yet_started(tmp_path):
+def test_sigterm_cancels_the_examples_not_yet_started():
     """Without the cancellation, the 200 examples of 0.2 s on 2 threads would all run (20 s) before exit."""
-    child = subprocess.Popen([sys.executable, "-c", SCRIPT], stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen([sys.executable, "-c", SCRIPT], stdout=subprocess.PIPE, text=True,
+                             cwd=Path(__file__).resolve().parents[1])
     assert child.stdout.readline().strip() == "ready"
     time.sleep(1.0)
     sent = time.monotonic()
