@@ -309,7 +309,8 @@ class MathExpression(dspy.Module):
                 record.retry()
             config = {"temperature": SAMPLE_TEMPERATURE, "seed": attempt} if attempt else {}
             record.steps += 1
-            with step("expression" if not attempt else "expression.sample" if attempt < samples else "expression.retry"):
+            name = "expression" if not attempt else "expression.sample" if attempt < samples else "expression.retry"
+            with step(name):
                 text = value = None
                 try:
                     text, note = ask(self.write, EXPRESSION, {**call, "config": config}, record)
