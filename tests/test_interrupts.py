@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 SCRIPT = textwrap.dedent("""
-    import signal, sys, time
+    import signal, time
     from dspy.utils.parallelizer import ParallelExecutor
     from optimize.interrupts import Interrupted, stop_on
 
