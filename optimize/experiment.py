@@ -22,7 +22,7 @@ from optimize.tracking import TrialResult
 from optimize.config import Experiment, Trial
 from optimize.data import Splits, Task, load_splits, split_source
 from optimize.errors import ChainoptError, ConfigError
-from optimize.interrupts import stop_on
+from optimize.interrupts import held, stop_on
 from optimize.llm.engine import count_tokens
 from optimize.llm.models import ModelInfo, describe
 from optimize.llm.settings import ModelConfig
@@ -141,13 +141,14 @@ def run_experiment(exp: Experiment, source: Path | None = None, progress: Progre
                 pool = not baseline and retrieves(trial, splits)
                 datasets = tracking.log_datasets(data_slices(trial, splits, retrieves=pool))
                 outcome = compute()
-                if exp.tracking.traces and not baseline:
-                    tracking.log_chain_traces(outcome.records, exp.tracking.trace_examples, trial.program.name)
-                tracking.record_trial(outcome)
-                if not baseline and not outcome.failed:
-                    export.log_run_model(outcome, splits, run_id, experiment_file=source_text,
-                                         eval_dataset=datasets.get("eval"),
-                                         copy_model_file=exp.tracking.model_file)
+                with held():  # the outcome is recorded whole, or (a second signal) the run ends FAILED
+                    if exp.tracking.traces and not baseline:
+                        tracking.log_chain_traces(outcome.records, exp.tracking.trace_examples, trial.program.name)
+                    tracking.record_trial(outcome)
+                    if not baseline and not outcome.failed:
+                        export.log_run_model(outcome, splits, run_id, experiment_file=source_text,
+                                             eval_dataset=datasets.get("eval"),
+                                             copy_model_file=exp.tracking.model_file)
             if outcome.failed:
                 progress(f"    FAILED: {outcome.failed}")
             return TrialResult(trial, run_id, outcome.metrics, stopped=outcome.stopped, failed=outcome.failed,

@@ -40,3 +40,42 @@ def stop_on(*signals: signal.Signals) -> Iterator[None]:
     finally:
         for sig, handler in kept.items():
             signal.signal(sig, handler)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def held(*signals: signal.Signals) -> Iterator[None]:
+    """Within the block a stop signal (by default Ctrl-C, SIGTERM, SIGHUP) waits for the block's end, then
+    goes to whoever held it before: a write to the store is not cut in half. A KeyboardInterrupt inside
+    SQLite's write left its lock taken, and the run could then not even be marked FAILED. A second signal
+    stops at once: a store that hangs cannot hold the user. Only the main thread can set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    kept: dict[int, object] = {}
+
+    def restore() -> None:
+        for sig, handler in kept.items():
+            signal.signal(sig, handler)
+        kept.clear()
+
+    def wait(signum: int, frame) -> None:
+        if not arrived:
+            arrived.append(signum)
+            return
+        restore()
+        signal.raise_signal(signum)
+
+    for sig in signals or STOP_SIGNALS:
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            kept[sig] = signal.signal(sig, wait)
+    try:
+        yield
+    finally:
+        if kept:
+            restore()
+            if arrived:
+                signal.raise_signal(arrived[0])

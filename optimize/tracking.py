@@ -31,6 +31,7 @@ from mlflow.utils.logging_utils import disable_logging, enable_logging
 import optimize
 from optimize import cost
 from optimize.errors import ChainoptError
+from optimize.interrupts import held
 
 if TYPE_CHECKING:
     from optimize.config import Experiment, Trial
@@ -156,6 +157,23 @@ def finished_child(runs: list[Run], config_hash: str) -> Run | None:
     return None
 
 
+@contextlib.contextmanager
+def _run(**kwargs: Any) -> Iterator[mlflow.ActiveRun]:
+    """`mlflow.start_run`, its start and its end (FINISHED, or FAILED if the block raised) each written
+    whole: a stop signal waits for them (interrupts.held), the block between stays interruptible."""
+    with held():
+        active = mlflow.start_run(**kwargs)
+    try:
+        yield active
+    except BaseException as exc:
+        with held():
+            active.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    with held():
+        active.__exit__(None, None, None)
+
+
+@held()
 def mark_killed(runs: list[Run]) -> None:
     """Runs left RUNNING by a killed process (SIGKILL gives no chance to say so) are marked KILLED."""
     client = MlflowClient()
@@ -168,13 +186,14 @@ def mark_killed(runs: list[Run]) -> None:
 def parent_run(experiment_id: str, exp: "Experiment", experiment_hash: str, resume: Run | None,
                source: Path | None) -> Iterator[str]:
     """The experiment's parent run, new or resumed; yields its id."""
-    with mlflow.start_run(run_id=resume.info.run_id if resume else None, experiment_id=experiment_id,
-                          run_name=exp.name, tags={TAG_KIND: "parent", TAG_EXPERIMENT_HASH: experiment_hash,
-                                                   **versions()}) as run:
+    with _run(run_id=resume.info.run_id if resume else None, experiment_id=experiment_id,
+              run_name=exp.name, tags={TAG_KIND: "parent", TAG_EXPERIMENT_HASH: experiment_hash,
+                                       **versions()}) as run:
         if resume is None:
-            mlflow.log_dict(exp.model_dump(mode="json"), "experiment.json")
-            if source is not None:
-                mlflow.log_text(source.read_text(encoding="utf-8"), f"config/{source.name}")
+            with held():
+                mlflow.log_dict(exp.model_dump(mode="json"), "experiment.json")
+                if source is not None:
+                    mlflow.log_text(source.read_text(encoding="utf-8"), f"config/{source.name}")
         yield run.info.run_id
 
 
@@ -183,10 +202,11 @@ def child_run(experiment_id: str, name: str, identity: str, baseline: str = "") 
     """A child run for one trial (or the classical `baseline` of that name), nested in the active parent;
     FAILED if the block raises."""
     tags = {TAG_KIND: "child", TAG_HASH: identity, **versions(), **({TAG_BASELINE: baseline} if baseline else {})}
-    with mlflow.start_run(run_name=name, nested=True, experiment_id=experiment_id, tags=tags) as run:
+    with _run(run_name=name, nested=True, experiment_id=experiment_id, tags=tags) as run:
         yield run.info.run_id
 
 
+@held()
 def record_trial(outcome: "Outcome") -> None:
     """Write one trial's outcome into the active child run, and end it FAILED (with the reason as a tag) when
     its chains mostly ended in an error: such a run is no result, and a re-run does it again."""
@@ -215,6 +235,7 @@ class DataSlice:
     targets: str | None = None  # the gold answer's column
 
 
+@held()
 def log_datasets(slices: list[DataSlice]) -> dict[str, Any]:
     """Log each non-empty slice as an MLflow dataset input of the active run (name, digest of its content,
     source, schema, context), so the runs table's Datasets column and the run page show the data. Returns
@@ -405,6 +426,7 @@ def log_chain_traces(records: list["ChainRecord"], sample: int, program: str) ->
     return written
 
 
+@held()
 def log_break_even(result: TrialResult, results: list[TrialResult]) -> dict[str, float]:
     """Queries until `result`'s compile is repaid by its lower cost per success against the zero-shot run of
     the same model, program and seed; logged to its run and returned ({} when it has no such baseline)."""
@@ -423,6 +445,7 @@ def log_break_even(result: TrialResult, results: list[TrialResult]) -> dict[str,
     return values
 
 
+@held()
 def mark_pareto(experiment_id: str, parent_id: str) -> None:
     """Tag each child on or off the Pareto front, and log the plot with the parent."""
     rows = child_rows(experiment_id, parent_id)

@@ -3,12 +3,17 @@ so the process exits at once instead of after its threads have worked through ev
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
+
+import pytest
+
+from optimize.interrupts import Interrupted, held, stop_on
 
 SCRIPT = textwrap.dedent("""
     import signal, time
@@ -47,3 +52,25 @@ def test_sigterm_cancels_the_examples_not_yet_started():
     assert "interrupted" in out and "exiting" in out
     started = int(out.rsplit("started", 1)[1])
     assert started < 40, f"{started} of 200 examples ran after SIGTERM ({waited:.1f} s to exit)"
+
+
+def test_a_held_block_finishes_before_the_signal_is_heard():
+    reached = []
+    with pytest.raises(Interrupted):
+        with stop_on(signal.SIGTERM), held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler would run here, were the signal not held
+            reached.append("end of block")
+    assert reached == ["end of block"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_a_second_signal_breaks_through_a_held_block():
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with held():
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            reached.append("end of block")
+    assert reached == []
