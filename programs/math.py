@@ -273,13 +273,14 @@ class MathExpression(dspy.Module):
     """
 
     def __init__(self, task: TaskLike, k: int = 4, samples: int = 1, nearest_last: int = 1, max_retries: int = 2,
-                 embedder: str = "tfidf"):
+                 choices: int = 0, embedder: str = "tfidf"):
         super().__init__()
-        if k < 1 or samples < 1 or max_retries < 0:
-            raise ProgramError(f"math.expr needs k >= 1, samples >= 1 and max_retries >= 0, got k={k}, "
-                               f"samples={samples}, max_retries={max_retries}")
+        if k < 1 or samples < 1 or max_retries < 0 or choices < 0:
+            raise ProgramError(f"math.expr needs k >= 1, samples >= 1, max_retries >= 0 and choices >= 0, got "
+                               f"k={k}, samples={samples}, max_retries={max_retries}, choices={choices}")
         self.inputs, self.output = tuple(task.input_fields), task.answer_field
-        self.settings = Tunable(k=k, samples=samples, nearest_last=nearest_last, max_retries=max_retries)
+        self.settings = Tunable(k=k, samples=samples, nearest_last=nearest_last, max_retries=max_retries,
+                                choices=choices)
         self.retrieve = ExpressionPool(task.input_fields, task.answer_field, embedder=embedder)
         self.write = dspy.Predict(dspy.Signature(
             {**_inputs(task),
@@ -298,10 +299,13 @@ class MathExpression(dspy.Module):
         pattern = expression_pattern(numbers)
         with step("retrieve"):
             neighbours = self.retrieve(self.settings["k"], **inputs)  # most similar first
+        options = self.options(neighbours, numbers)
+        if options:
+            record.note(f"choices: {'; '.join(options)}")
         call = {**inputs, "demos": [*self.write.demos, *(neighbours[::-1] if self.settings["nearest_last"]
-                                                          else neighbours)],
-                "signature": self.write.signature.with_updated_fields(EXPRESSION,
-                                                                      **{OUTPUT_SCHEMA: {"pattern": pattern}})}
+                                                          else neighbours)]}
+        free = self.write.signature.with_updated_fields(EXPRESSION, **{OUTPUT_SCHEMA: {"pattern": pattern}})
+        narrowed = self.write.signature.with_updated_fields(EXPRESSION, **{OUTPUT_SCHEMA: {"enum": options}})
         computed: list[tuple[Number, str]] = []
         samples, attempt = self.settings["samples"], 0
         while len(computed) < samples and attempt < samples + self.settings["max_retries"]:
@@ -313,7 +317,8 @@ class MathExpression(dspy.Module):
             with step(name):
                 text = value = None
                 try:
-                    text, note = ask(self.write, EXPRESSION, {**call, "config": config}, record)
+                    signature = narrowed if options and attempt < samples else free  # a retry: any expression
+                    text, note = ask(self.write, EXPRESSION, {**call, "signature": signature, "config": config}, record)
                     record.note(note)
                     value = _compute_expression(str(text).strip(), pattern)
                     record.accept("calculate", text)
@@ -335,6 +340,43 @@ class MathExpression(dspy.Module):
             record.note(f"vote: {format_number(value)} from {votes[value]} of {self.settings['samples']} samples")
         expression = next(text for v, text in computed if v == value)
         return record.prediction(**{self.output: value, EXPRESSION: expression, "agreement": agreement})
+
+
+    def options(self, neighbours: list[dict[str, Any]], numbers: Sequence[str]) -> list[str]:
+        """With `choices` = n > 0, the expressions the answer must be one of: each neighbour's expression with
+        its numbers replaced, by their order in its problem, by this problem's (`transfer_expression`), most
+        frequent first (ties: the nearer neighbour's), one per value, a value no training answer resembles
+        left out; at most n. Empty (any expression over the numbers) when n = 0 or none transfers."""
+        if not self.settings["choices"]:
+            return []
+        made = [transfer_expression(n[EXPRESSION], problem_numbers(self.retrieve.text(n)), numbers)
+                for n in neighbours]
+        counts = Counter(e for e in made if e)
+        options: dict[Number, str] = {}
+        for expression in sorted(counts, key=lambda e: -counts[e]):  # stable: nearer first among equals
+            try:
+                value = calculate(expression)
+            except CalculatorError:
+                continue
+            if value not in options and not self.retrieve.implausible(value):
+                options[value] = expression
+        return list(options.values())[:self.settings["choices"]]
+
+
+def transfer_expression(expression: str, source: Sequence[str], numbers: Sequence[str]) -> str | None:
+    """`expression`, written over the numbers `source` of another problem, with each replaced by the number in
+    the same place among `numbers` (`12 - 5` over (12, 5) → `30 - 8` over (30, 8)); None when it uses a number
+    past the end of `numbers`, or one not in `source`."""
+    place = {number: index for index, number in enumerate(source)}
+    tokens = []
+    for token in _TOKEN.findall(expression):
+        if token[0].isdigit():
+            index = place.get(token, len(numbers))
+            if index >= len(numbers):
+                return None
+            token = numbers[index]
+        tokens.append(token)
+    return " ".join(tokens).replace("( ", "(").replace(" )", ")")  # as tidy as `expression`, numbers as written
 
 
 def _compute_expression(text: str, pattern: str) -> Number:
@@ -362,6 +404,6 @@ SPECS = (
         "one expression over the problem's numbers (grammar-constrained, similar solved problems as demos), "
         "computed by a calculator; optional self-consistency vote",
         MathExpression, _numeric_metric, settings={"k": 4, "samples": 1, "nearest_last": 1, "max_retries": 2,
-                                                    "embedder": "tfidf"},
+                                                    "choices": 0, "embedder": "tfidf"},
     ),
 )

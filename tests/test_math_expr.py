@@ -14,7 +14,8 @@ from optimize.data import Task
 from optimize.llm.adapter import CacheFriendlyAdapter
 from optimize.llm.engine import schema_grammar
 from optimize.trial import get_program
-from programs.math import chained_expression, expression_pattern, problem_numbers, tidy_expression
+from programs.math import (chained_expression, expression_pattern, problem_numbers, tidy_expression,
+                           transfer_expression)
 from programs.retrieval import fill_retrievers
 
 TASK = Task("svamp", "math", ("question",), "answer")
@@ -239,3 +240,28 @@ def test_a_plan_longer_than_max_steps_is_a_recorded_failure(tmp_path):
     plan = {"steps": [{"question": "q", "expression": "8 + 2"}] * 3}
     prediction, _ = ask(built, [plan], adapter=dspy.ChatAdapter(use_json_adapter_fallback=False))
     assert prediction.answer is None and "the plan has 3 steps; use at most 2" in prediction.trace_notes[-1]
+
+
+def test_transfer_puts_this_problems_numbers_in_a_neighbours_places():
+    assert transfer_expression("12 - 5", ("12", "5"), ("30", "8")) == "30 - 8"
+    assert transfer_expression("4 + (2 * 3)", ("4", "2", "3"), ("1.50", "7", "9")) == "1.50 + (7 * 9)"
+    assert transfer_expression("5 - 12", ("12", "5"), ("30", "8")) == "8 - 30"  # by place, not by size
+    assert transfer_expression("4 + (2 * 3)", ("4", "2", "3"), ("1", "7")) is None  # no third number here
+    assert transfer_expression("4 * 100", ("4", "2"), ("1", "7")) is None  # 100 is not in its problem
+
+
+def test_choices_narrow_the_answer_to_the_neighbours_expressions_transferred():
+    # The nearest three: "7 + 3" (→ 8 + 2), "4 + (2 * 3)" (three numbers: does not transfer), and a
+    # subtraction "12 - 5" (→ 2 - 8 = -6: negative, where no training answer is, so left out).
+    question = "Jerry had 2 action figures and added 8 more. How many does he have?"
+    engine = Recorder("2 + 8")
+    with dspy.context(lm=dspy.LM("fake/recorder", engine=engine, cache=False), adapter=ADAPTER):
+        prediction = program(k=5, choices=4)(question=question)
+        free = program(k=5, choices=0)(question=question)
+    narrowed, open_ = (r.response_format["schema"]["properties"]["expression"] for r in engine.requests)
+    assert narrowed["enum"] == ["2 + 8", "2 / 8"] and "pattern" not in narrowed
+    assert open_["pattern"] == expression_pattern(("2", "8")) and "enum" not in open_
+    grammar = schema_grammar(json.dumps(engine.requests[0].response_format["schema"]))
+    LlamaGrammar.from_string(grammar, verbose=False)
+    assert prediction.answer == 10 and "choices: 2 + 8; 2 / 8" in prediction.trace_notes
+    assert free.answer == 10

@@ -162,3 +162,75 @@ def test_a_two_node_cluster_runs_a_worker_on_each_node_with_the_same_results(loc
     assert all(node[:12] in workers for node in out["nodes"])  # one worker on each node
     assert out["answers"] == json.loads(json.dumps(answers(local_run)))
 
+
+
+# The sweep above on more examples, so that the driver can be caught between two recorded trials.
+RESUMED = """
+name = "ray-resume"
+seeds = [0]
+programs = [{ name = "intent.predict" }, { name = "intent.retrieve" }]
+optimizers = [{ name = "none" }, { name = "labeled_fewshot", settings = { k = 2 } }]
+[model]
+spec = "smollm2-135m"
+max_tokens = 32
+cache = false
+[data]
+dataset = "banking77"
+train = 2
+test = 40
+seed = 29
+[eval]
+threads = 2
+[budget]
+max_retries = 0
+[execution]
+backend = "ray"
+address = "auto"
+"""
+
+
+def _actor_processes() -> list[int]:
+    """Pids of the Ray processes that hold a chainopt worker (actor): busy or idle, Ray titles them ray::Worker."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::Worker"):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.model
+def test_a_driver_killed_mid_sweep_resumes_from_the_store(ray_cluster, tmp_path):
+    # The driver alone writes the store: SIGKILLed once a trial is recorded, `chainopt run` again on the same
+    # cluster reuses what was recorded and records each other trial once; the dead driver's workers go.
+    from test_reliability import children, finish, start
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = tmp_path / "ray-resume.toml"
+    config.write_text(RESUMED, encoding="utf-8")
+    driver = start(config, tmp_path, uri)
+    deadline = time.monotonic() + 300
+    while not any(r.info.status == "FINISHED" for r in children(uri, "ray-resume")):
+        assert driver.poll() is None and time.monotonic() < deadline, "the driver recorded no trial"
+        time.sleep(0.1)
+    driver.kill()
+    driver.wait()
+    recorded = {r.data.tags["chainopt.config_hash"]: r.info.run_id
+                for r in children(uri, "ray-resume") if r.info.status == "FINISHED"}
+    assert 1 <= len(recorded) < 4, "the driver was not caught mid-sweep"
+    deadline = time.monotonic() + 60
+    while _actor_processes() and time.monotonic() < deadline:  # Ray ends a dead driver's actors
+        time.sleep(0.5)
+    assert not _actor_processes(), "the killed driver's workers outlived it"
+
+    done = finish(start(config, tmp_path, uri), uri, "ray-resume", timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("finished earlier, reused") == len(recorded)
+    finished = {r.data.tags["chainopt.config_hash"]: r.info.run_id for r in done.children
+                if r.info.status == "FINISHED"}
+    assert len(finished) == 4 and len([r for r in done.children if r.info.status == "FINISHED"]) == 4
+    assert recorded.items() <= finished.items()  # the same runs, not recomputed
+    assert "RUNNING" not in {r.info.status for r in done.children}
+    assert len(done.parents) == 1
