@@ -264,7 +264,10 @@ class MathExpression(dspy.Module):
     A tiny model cannot do sums and drifts when it reasons, but it can copy the shape of a similar solved
     problem. The k most similar training problems are its demos, with their expressions (the most similar
     last, unless `nearest_last` = 0); the answer decodes under a grammar that admits only the numbers written
-    in the problem, + - * / and parentheses; `validators.calculate` computes it. With `samples` > 1 the first
+    in the problem, + - * / and parentheses; `validators.calculate` computes it. With `choices` > 0 (the
+    default) the grammar is narrower still: the answer is one of the expressions of the `choices_from` nearest
+    problems with this problem's numbers put in their places (`options`), choosing being easier for a small
+    model than writing, and retries go back to the open grammar. With `samples` > 1 the first
     expression is greedy and the others sampled, and the value most of them compute wins (ties: the earlier);
     its share of the samples is returned as `agreement`. An expression outside the pattern (possible only
     without the grammar), one the calculator refuses, or a value no training answer resembles (negative, or
@@ -273,14 +276,15 @@ class MathExpression(dspy.Module):
     """
 
     def __init__(self, task: TaskLike, k: int = 4, samples: int = 1, nearest_last: int = 1, max_retries: int = 2,
-                 choices: int = 0, embedder: str = "tfidf"):
+                 choices: int = 8, choices_from: int = 32, embedder: str = "tfidf"):
         super().__init__()
-        if k < 1 or samples < 1 or max_retries < 0 or choices < 0:
-            raise ProgramError(f"math.expr needs k >= 1, samples >= 1, max_retries >= 0 and choices >= 0, got "
-                               f"k={k}, samples={samples}, max_retries={max_retries}, choices={choices}")
+        if k < 1 or samples < 1 or max_retries < 0 or choices < 0 or choices_from < 0:
+            raise ProgramError(f"math.expr needs k >= 1, samples >= 1, max_retries >= 0, choices >= 0 and "
+                               f"choices_from >= 0, got k={k}, samples={samples}, max_retries={max_retries}, "
+                               f"choices={choices}, choices_from={choices_from}")
         self.inputs, self.output = tuple(task.input_fields), task.answer_field
         self.settings = Tunable(k=k, samples=samples, nearest_last=nearest_last, max_retries=max_retries,
-                                choices=choices)
+                                choices=choices, choices_from=choices_from)
         self.retrieve = ExpressionPool(task.input_fields, task.answer_field, embedder=embedder)
         self.write = dspy.Predict(dspy.Signature(
             {**_inputs(task),
@@ -298,8 +302,10 @@ class MathExpression(dspy.Module):
             return record.prediction(**{self.output: None, EXPRESSION: None, "agreement": 0.0})
         pattern = expression_pattern(numbers)
         with step("retrieve"):
-            neighbours = self.retrieve(self.settings["k"], **inputs)  # most similar first
-        options = self.options(neighbours, numbers)
+            reach = max(self.settings["k"], self.settings["choices_from"])
+            nearest = self.retrieve(reach, **inputs)  # most similar first
+        neighbours = nearest[:self.settings["k"]]
+        options = self.options(nearest[:self.settings["choices_from"] or self.settings["k"]], numbers)
         if options:
             record.note(f"choices: {'; '.join(options)}")
         call = {**inputs, "demos": [*self.write.demos, *(neighbours[::-1] if self.settings["nearest_last"]
@@ -343,24 +349,27 @@ class MathExpression(dspy.Module):
 
 
     def options(self, neighbours: list[dict[str, Any]], numbers: Sequence[str]) -> list[str]:
-        """With `choices` = n > 0, the expressions the answer must be one of: each neighbour's expression with
-        its numbers replaced, by their order in its problem, by this problem's (`transfer_expression`), most
-        frequent first (ties: the nearer neighbour's), one per value, a value no training answer resembles
-        left out; at most n. Empty (any expression over the numbers) when n = 0 or none transfers."""
+        """With `choices` = n > 0, the expressions the answer must be one of: each neighbour's (the
+        `choices_from` nearest, the k demos when 0: more reach further than the demos can show) expression with
+        its numbers replaced, by their order in its problem, by this problem's (`transfer_expression`), one per
+        computed value, the value most neighbours give first (ties: the nearer), a value no training answer
+        resembles left out; at most n. Empty (any expression over the numbers) when n = 0 or none transfers."""
         if not self.settings["choices"]:
             return []
-        made = [transfer_expression(n[EXPRESSION], problem_numbers(self.retrieve.text(n)), numbers)
-                for n in neighbours]
-        counts = Counter(e for e in made if e)
-        options: dict[Number, str] = {}
-        for expression in sorted(counts, key=lambda e: -counts[e]):  # stable: nearer first among equals
+        votes: Counter[Number] = Counter()
+        first: dict[Number, str] = {}  # each value's expression from the nearest neighbour that gives it
+        for neighbour in neighbours:
+            expression = transfer_expression(neighbour[EXPRESSION], problem_numbers(self.retrieve.text(neighbour)),
+                                             numbers)
             try:
-                value = calculate(expression)
+                value = calculate(expression) if expression else None
             except CalculatorError:
                 continue
-            if value not in options and not self.retrieve.implausible(value):
-                options[value] = expression
-        return list(options.values())[:self.settings["choices"]]
+            if value is not None and not self.retrieve.implausible(value):
+                votes[value] += 1
+                first.setdefault(value, expression)
+        ranked = sorted(first, key=lambda v: -votes[v])  # stable: the nearer first among equal votes
+        return [first[value] for value in ranked[:self.settings["choices"]]]
 
 
 def transfer_expression(expression: str, source: Sequence[str], numbers: Sequence[str]) -> str | None:
@@ -404,6 +413,6 @@ SPECS = (
         "one expression over the problem's numbers (grammar-constrained, similar solved problems as demos), "
         "computed by a calculator; optional self-consistency vote",
         MathExpression, _numeric_metric, settings={"k": 4, "samples": 1, "nearest_last": 1, "max_retries": 2,
-                                                    "choices": 0, "embedder": "tfidf"},
+                                                    "choices": 8, "choices_from": 32, "embedder": "tfidf"},
     ),
 )

@@ -79,7 +79,7 @@ def test_the_engine_gets_a_grammar_of_the_problems_numbers():
     turns it into a grammar that names the problem's numbers and nothing else."""
     engine = Recorder("8 + 2")
     with dspy.context(lm=dspy.LM("fake/recorder", engine=engine, cache=False), adapter=ADAPTER):
-        prediction = program()(question=QUESTION)
+        prediction = program(choices=0)(question=QUESTION)
     schema = engine.requests[-1].response_format["schema"]
     assert schema["properties"]["expression"]["pattern"] == expression_pattern(("8", "2"))
     grammar = schema_grammar(json.dumps(schema))
@@ -265,3 +265,16 @@ def test_choices_narrow_the_answer_to_the_neighbours_expressions_transferred():
     LlamaGrammar.from_string(grammar, verbose=False)
     assert prediction.answer == 10 and "choices: 2 + 8; 2 / 8" in prediction.trace_notes
     assert free.answer == 10
+
+
+def test_choices_can_reach_further_than_the_demos():
+    question = "Jerry had 2 action figures and added 8 more. How many does he have?"
+    engine = Recorder("2 + 8")
+    with dspy.context(lm=dspy.LM("fake/recorder", engine=engine, cache=False), adapter=ADAPTER):
+        program(k=1, choices=4, choices_from=0)(question=question)
+        program(k=1, choices=4, choices_from=5)(question=question)
+        program(k=1, choices=1, choices_from=5)(question=question)
+    enums = [r.response_format["schema"]["properties"]["expression"]["enum"] for r in engine.requests]
+    assert enums == [["2 + 8"], ["2 + 8", "2 / 8"], ["2 + 8"]]
+    _, lm = ask(program(k=1, choices=4, choices_from=5), [{"expression": "2 + 8"}], question)
+    assert len([m for m in lm.history[-1]["messages"][1:-1] if m["role"] == "user"]) == 1  # one demo shown

@@ -215,6 +215,7 @@ def test_a_driver_killed_mid_sweep_resumes_from_the_store(ray_cluster, tmp_path)
     while not any(r.info.status == "FINISHED" for r in children(uri, "ray-resume")):
         assert driver.poll() is None and time.monotonic() < deadline, "the driver recorded no trial"
         time.sleep(0.1)
+    assert _actor_processes(), "the driver's workers are not where this test looks for them"
     driver.kill()
     driver.wait()
     recorded = {r.data.tags["chainopt.config_hash"]: r.info.run_id
