@@ -82,12 +82,13 @@ def test_ray_gives_the_local_answers_and_metrics(ray_cluster, local_run):
     assert any("in 2 shards on 2 workers: 3/3" in line and "ex/s" in line for line in lines), lines
 
 
-def _scoring_workers() -> list[int]:
-    """Pids of Ray workers running a score shard now (Ray titles a busy worker `ray::Worker.score`)."""
+def _ray_processes(title: bytes) -> list[int]:
+    """Pids of the processes whose title starts with `title`: Ray titles a process that holds a chainopt
+    worker (actor) `ray::Worker`, and `ray::Worker.score` while it scores a shard."""
     pids = []
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::Worker.score"):
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(title):
                 pids.append(int(proc.name))
         except OSError:
             continue
@@ -101,7 +102,7 @@ def test_a_worker_killed_mid_shard_is_redone_and_its_trial_recorded_once(ray_clu
 
     def kill_the_first_scoring_worker() -> None:
         while not done.is_set() and not killed:
-            for pid in _scoring_workers()[:1]:
+            for pid in _ray_processes(b"ray::Worker.score")[:1]:
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
             time.sleep(0.02)
@@ -189,18 +190,6 @@ address = "auto"
 """
 
 
-def _actor_processes() -> list[int]:
-    """Pids of the Ray processes that hold a chainopt worker (actor): busy or idle, Ray titles them ray::Worker."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::Worker"):
-                pids.append(int(proc.name))
-        except OSError:
-            continue
-    return pids
-
-
 @pytest.mark.model
 def test_a_driver_killed_mid_sweep_resumes_from_the_store(ray_cluster, tmp_path):
     # The driver alone writes the store: SIGKILLed once a trial is recorded, `chainopt run` again on the same
@@ -215,16 +204,16 @@ def test_a_driver_killed_mid_sweep_resumes_from_the_store(ray_cluster, tmp_path)
     while not any(r.info.status == "FINISHED" for r in children(uri, "ray-resume")):
         assert driver.poll() is None and time.monotonic() < deadline, "the driver recorded no trial"
         time.sleep(0.1)
-    assert _actor_processes(), "the driver's workers are not where this test looks for them"
+    assert _ray_processes(b"ray::Worker"), "the driver's workers are not where this test looks for them"
     driver.kill()
     driver.wait()
     recorded = {r.data.tags["chainopt.config_hash"]: r.info.run_id
                 for r in children(uri, "ray-resume") if r.info.status == "FINISHED"}
     assert 1 <= len(recorded) < 4, "the driver was not caught mid-sweep"
     deadline = time.monotonic() + 60
-    while _actor_processes() and time.monotonic() < deadline:  # Ray ends a dead driver's actors
+    while _ray_processes(b"ray::Worker") and time.monotonic() < deadline:  # Ray ends a dead driver's actors
         time.sleep(0.5)
-    assert not _actor_processes(), "the killed driver's workers outlived it"
+    assert not _ray_processes(b"ray::Worker"), "the killed driver's workers outlived it"
 
     done = finish(start(config, tmp_path, uri), uri, "ray-resume", timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
