@@ -347,7 +347,6 @@ class MathExpression(dspy.Module):
         expression = next(text for v, text in computed if v == value)
         return record.prediction(**{self.output: value, EXPRESSION: expression, "agreement": agreement})
 
-
     def options(self, neighbours: list[dict[str, Any]], numbers: Sequence[str]) -> list[str]:
         """With `choices` = n > 0, the expressions the answer must be one of: each neighbour's (the
         `choices_from` nearest, the k demos when 0: more reach further than the demos can show) expression with
