@@ -302,16 +302,17 @@ class MathExpression(dspy.Module):
             return record.prediction(**{self.output: None, EXPRESSION: None, "agreement": 0.0})
         pattern = expression_pattern(numbers)
         with step("retrieve"):
-            reach = max(self.settings["k"], self.settings["choices_from"])
-            nearest = self.retrieve(reach, **inputs)  # most similar first
+            reach = self.settings["choices_from"] if self.settings["choices"] else 0
+            nearest = self.retrieve(max(self.settings["k"], reach), **inputs)  # most similar first
         neighbours = nearest[:self.settings["k"]]
-        options = self.options(nearest[:self.settings["choices_from"] or self.settings["k"]], numbers)
+        options = self.options(nearest[:reach or self.settings["k"]], numbers)
         if options:
             record.note(f"choices: {'; '.join(options)}")
         call = {**inputs, "demos": [*self.write.demos, *(neighbours[::-1] if self.settings["nearest_last"]
                                                           else neighbours)]}
         free = self.write.signature.with_updated_fields(EXPRESSION, **{OUTPUT_SCHEMA: {"pattern": pattern}})
-        narrowed = self.write.signature.with_updated_fields(EXPRESSION, **{OUTPUT_SCHEMA: {"enum": options}})
+        narrowed = (self.write.signature.with_updated_fields(EXPRESSION, **{OUTPUT_SCHEMA: {"enum": options}})
+                    if options else free)
         computed: list[tuple[Number, str]] = []
         samples, attempt = self.settings["samples"], 0
         while len(computed) < samples and attempt < samples + self.settings["max_retries"]:
@@ -323,7 +324,7 @@ class MathExpression(dspy.Module):
             with step(name):
                 text = value = None
                 try:
-                    signature = narrowed if options and attempt < samples else free  # a retry: any expression
+                    signature = narrowed if attempt < samples else free  # a retry: any expression
                     text, note = ask(self.write, EXPRESSION, {**call, "signature": signature, "config": config}, record)
                     record.note(note)
                     value = _compute_expression(str(text).strip(), pattern)
@@ -364,9 +365,10 @@ class MathExpression(dspy.Module):
                 value = calculate(expression) if expression else None
             except CalculatorError:
                 continue
-            if value is not None and not self.retrieve.implausible(value):
-                votes[value] += 1
-                first.setdefault(value, expression)
+            if value is None or self.retrieve.implausible(value):
+                continue
+            votes[value] += 1
+            first.setdefault(value, expression)
         ranked = sorted(first, key=lambda v: -votes[v])  # stable: the nearer first among equal votes
         return [first[value] for value in ranked[:self.settings["choices"]]]
 
