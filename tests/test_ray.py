@@ -1,6 +1,7 @@
 """The Ray backend (optimize/scale.py) on a real local cluster with the real embedded model: the same answers
 and metrics as the local backend, a killed worker's shard redone and its trial recorded once, a worker that
-cannot load its model named, a two-node cluster used whole, and bad settings refused in one line."""
+cannot load its model named, a two-node cluster used whole, a ray:// address through Ray Client, and bad
+settings refused in one line."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from optimize.config import ExecutionConfig, Experiment, parse_experiment
 from optimize.data import load_splits
 from optimize.errors import ClusterError, ConfigError
 from optimize.experiment import experiment_hash, run_experiment
-from ray_two_nodes import answers
+from ray_driver import answers
 
 ROOT = Path(__file__).resolve().parents[1]
 # Four trials (two programs, zero-shot and labelled 2-shot) on three Banking77 examples: three shards on two
@@ -147,16 +148,20 @@ def test_a_worker_that_cannot_load_its_model_names_its_node_and_the_file(ray_clu
     assert expected in message
 
 
+def _driver(exp: dict) -> dict:
+    """The sweep `exp` run by tests/ray_driver.py in a process of its own: what it printed."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    done = subprocess.run([sys.executable, str(ROOT / "tests/ray_driver.py"), json.dumps(exp)], env=env,
+                          capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.model
 def test_a_two_node_cluster_runs_a_worker_on_each_node_with_the_same_results(local_run, tmp_path):
     # A Cluster and this session's ray.init cannot share a process: the sweep runs in a process of its own.
-    exp = {**EXPERIMENT, "name": "ray-two-nodes", "execution": {"backend": "ray"},
-           "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
-    done = subprocess.run([sys.executable, str(ROOT / "tests/ray_two_nodes.py"), json.dumps(exp)], env=env,
-                          capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = _driver({**EXPERIMENT, "name": "ray-two-nodes", "execution": {"backend": "ray"},
+                   "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}})
     assert len(out["nodes"]) == 2
     workers = next(line for line in out["lines"] if line.startswith("ray: "))
     assert workers.startswith("ray: 2 workers (1 CPU each) on 2 node(s)")
@@ -164,6 +169,30 @@ def test_a_two_node_cluster_runs_a_worker_on_each_node_with_the_same_results(loc
     assert out["answers"] == json.loads(json.dumps(answers(local_run)))
 
 
+
+
+@pytest.mark.model
+def test_a_ray_client_address_runs_the_sweep_with_the_local_answers(ray_cluster, local_run, tmp_path):
+    # A ray:// address goes through Ray Client (the `client` part of the ray extra): a client server on
+    # 127.0.0.1 in front of this session's cluster, and a driver elsewhere that knows only that address.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = tmp_path / "client-server.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen([sys.executable, "-m", "ray.util.client.server", "--mode", "legacy",
+                                   "--address", ray_cluster.get_runtime_context().gcs_address,
+                                   "--host", "127.0.0.1", "--port", str(port)], stdout=out, stderr=out)
+    try:
+        result = _driver({**EXPERIMENT, "name": "ray-client",
+                          "execution": {"backend": "ray", "address": f"ray://127.0.0.1:{port}"},
+                          "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}})
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert "New logs connection established" in log.read_text(errors="replace")  # it came through the server
+    assert any(line.startswith("ray: 2 workers (1 CPU each) on 1 node(s)") for line in result["lines"])
+    assert result["answers"] == json.loads(json.dumps(answers(local_run)))
 
 # The sweep above on more examples, so that the driver can be caught between two recorded trials.
 RESUMED = """

@@ -24,18 +24,23 @@ def answers(result: ExperimentResult) -> list:
 
 
 def main(experiment: str) -> None:
-    import ray
-    from ray.cluster_utils import Cluster
-
     from optimize.config import parse_experiment
     from optimize.experiment import run_experiment
+
+    exp = parse_experiment(json.loads(experiment))
+    lines: list[str] = []
+    if exp.execution.address:  # run_experiment joins it, and leaves it
+        result = run_experiment(exp, progress=lines.append)
+        print(json.dumps({"lines": lines, "answers": answers(result)}))
+        return
+    import ray
+    from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     cluster.add_node(num_cpus=1)
     ray.init(address=cluster.address, log_to_driver=False)
     try:
-        lines: list[str] = []
-        result = run_experiment(parse_experiment(json.loads(experiment)), progress=lines.append)
+        result = run_experiment(exp, progress=lines.append)
         nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
         print(json.dumps({"lines": lines, "answers": answers(result), "nodes": nodes}))
     finally:
