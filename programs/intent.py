@@ -174,19 +174,21 @@ class IntentRetrieve(dspy.Module):
     and its choices. The retrieved demos are one compact input field (`inline` = 1, "text -> label" per
     line), or with `inline` = 0 a conversation turn each: on Banking77 with the embedded model, inline
     measured 68% at 350 tokens per example against turns' 60% at 480 (README). The choices are the neighbours' labels,
-    most votes first, at most `candidates` of them (0: all). When at least `agree` of the k neighbours
-    share one label (0: never), or all share one, that label is the answer and no LM call is made. An
-    answer the label check rejects is retried over the whole label set, told why.
+    most votes first, at most `candidates` of them (0: all); a neighbour's vote is its similarity to the
+    query to the power `weight` (0: one vote each), so a near copy of the request outweighs loose matches.
+    When the first label has at least `agree` of the k neighbours (0: never), or it is the only one, it is
+    the answer and no LM call is made. An answer the label check rejects is retried over the whole label
+    set, told why.
     """
 
     def __init__(self, task: TaskLike, k: int = 8, candidates: int = 0, nearest_last: int = 1, agree: int = 0,
-                 inline: int = 1, max_retries: int = 1, embedder: str = "tfidf"):
+                 inline: int = 1, max_retries: int = 1, weight: float = 4, embedder: str = "tfidf"):
         super().__init__()
         if k < 1:
             raise ProgramError(f"intent.retrieve needs k >= 1, got {k}")
         self.inputs, self.output, self.labels = tuple(task.input_fields), task.answer_field, tuple(task.labels)
         self.settings = Tunable(k=k, candidates=candidates, nearest_last=nearest_last, agree=agree, inline=inline,
-                                max_retries=max_retries)
+                                max_retries=max_retries, weight=weight)
         self.retrieve = Retriever(task.input_fields, embedder=embedder)
         self.classify = dspy.Predict(_signature(task, {self.output: (str, "the intent label")}, CLASSIFY))
         self.classify_inline = dspy.Predict(_signature(
@@ -200,21 +202,24 @@ class IntentRetrieve(dspy.Module):
             )
         )
 
-    def choices(self, neighbours: Sequence[dspy.Example]) -> tuple[tuple[str, ...], int]:
-        """The neighbours' known labels, most votes first (ties: the nearer first), at most `candidates`
-        of them (0: all), and the top label's number of votes."""
-        votes = Counter(str(d[self.output]) for d in neighbours)
-        ranked = sorted((label for label in dict.fromkeys(str(d[self.output]) for d in neighbours)
-                         if label in self.labels), key=lambda label: -votes[label])
+    def choices(self, neighbours: Sequence[tuple[dspy.Example, float]]) -> tuple[tuple[str, ...], int]:
+        """The known labels of the neighbours (each with its similarity), most votes first (ties: the nearer
+        first), at most `candidates` of them (0: all), and how many neighbours have the first."""
+        votes: Counter[str] = Counter()
+        for neighbour, similarity in neighbours:
+            votes[str(neighbour[self.output])] += max(similarity, 0.0) ** self.settings["weight"]
+        ranked = sorted((label for label in votes if label in self.labels), key=lambda label: -votes[label])
         limit = self.settings["candidates"]
-        return tuple(ranked[:limit] if limit else ranked), votes[ranked[0]] if ranked else 0
+        count = sum(str(neighbour[self.output]) == ranked[0] for neighbour, _ in neighbours) if ranked else 0
+        return tuple(ranked[:limit] if limit else ranked), count
 
     def forward(self, **kwargs: Any) -> dspy.Prediction:
         record = Record()
         inputs = {name: kwargs[name] for name in self.inputs}
         with step("retrieve"):
-            neighbours = self.retrieve(self.settings["k"], **inputs)  # most similar first
-        choices, top_votes = self.choices(neighbours)
+            scored = self.retrieve.scored(self.settings["k"], **inputs)  # most similar first
+        neighbours = [neighbour for neighbour, _ in scored]
+        choices, top_votes = self.choices(scored)
         choices = choices or self.labels
         agree = self.settings["agree"]
         label, rejections = None, []
@@ -272,6 +277,6 @@ SPECS = (
         "k similar training examples as demos, the answer narrowed to their labels; validated, with a retry",
         IntentRetrieve, _label_metric,
         settings={"k": 8, "candidates": 0, "nearest_last": 1, "agree": 0, "inline": 1, "max_retries": 1,
-                  "embedder": "tfidf"},
+                  "weight": 4, "embedder": "tfidf"},
     ),
 )

@@ -43,13 +43,14 @@ class _Index:
         vectors = self._model.encode(texts, convert_to_numpy=True, normalize_embeddings=True)
         return np.asarray(vectors, dtype=np.float32)
 
-    def nearest(self, text: str, k: int) -> list[int]:
-        """Indices of the k most similar examples, most similar first (ties: earlier example first)."""
+    def nearest(self, text: str, k: int) -> list[tuple[int, float]]:
+        """The k most similar examples' indices and cosine similarities, most similar first (ties: earlier
+        example first)."""
         scores = self._encode([text]) @ self._matrix
         scores = np.asarray(scores.todense() if hasattr(scores, "todense") else scores).ravel()
         k = min(k, len(scores))
         top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
-        return sorted(top.tolist(), key=lambda i: (-scores[i], i))
+        return [(i, float(scores[i])) for i in sorted(top.tolist(), key=lambda i: (-scores[i], i))]
 
 
 # Character n-grams within words, not words: they match "top-up"/"topped up", "cards"/"card" and typos. On
@@ -123,10 +124,14 @@ class Retriever(Parameter):
             return built.index
 
     def __call__(self, k: int, **inputs: Any) -> list[dspy.Example]:
+        return [example for example, _ in self.scored(k, **inputs)]
+
+    def scored(self, k: int, **inputs: Any) -> list[tuple[dspy.Example, float]]:
+        """The k nearest examples with their similarity to the query (cosine, 1 for the same text)."""
         if k < 1:
             raise ProgramError(f"retrieval k must be at least 1, got {k}")
-        found = [self.examples[i] for i in self.index().nearest(self.text(inputs), k)]
-        return [dspy.Example(**e).with_inputs(*self.input_fields) for e in found]
+        return [(dspy.Example(**self.examples[i]).with_inputs(*self.input_fields), similarity)
+                for i, similarity in self.index().nearest(self.text(inputs), k)]
 
     def reset(self) -> None:
         """Optimizers reset learned state before compiling; the examples and settings are not learned."""

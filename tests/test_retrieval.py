@@ -73,10 +73,25 @@ def test_the_system_prompt_is_the_same_for_every_query():
     assert first.history[-1]["messages"][-1] != second.history[-1]["messages"][-1]
 
 
+def choices_shown(lm):
+    return lm.history[-1]["messages"][-1]["content"].rsplit("Choices for `intent`: ", 1)[1].split("; ")
+
+
 def test_candidates_caps_the_choices():
-    _, lm = ask(program(k=7, candidates=2), [{"intent": "card_arrival"}], "my new card")
-    choices = lm.history[-1]["messages"][-1]["content"].rsplit("Choices for `intent`: ", 1)[1]
-    assert choices.split("; ") == ["card_arrival", "top_up_failed"]  # two votes each beat one
+    _, lm = ask(program(k=7, candidates=2, weight=0), [{"intent": "card_arrival"}], "my new card")
+    assert choices_shown(lm) == ["card_arrival", "top_up_failed"]  # one vote each: two votes beat one
+
+
+def test_votes_weighted_by_similarity_put_a_near_copy_first():
+    # One neighbour that is nearly the request outweighs two loose matches; with weight 0 they outvote it.
+    query = "how do I link my new card please"
+    _, lm = ask(program(k=7, weight=0), [{"intent": "card_arrival"}], query)
+    assert choices_shown(lm)[0] == "card_arrival"
+    _, lm = ask(program(k=7), [{"intent": "card_linking"}], query)  # the default weight, 4
+    assert choices_shown(lm)[0] == "card_linking"
+    # agree counts the neighbours that have the first label: card_linking's one is not two, so the model chooses.
+    prediction, lm = ask(program(k=7, agree=2), [{"intent": "card_linking"}], query)
+    assert len(lm.history) == 1 and prediction.intent == "card_linking"
 
 
 def test_neighbours_that_agree_answer_without_a_call():
