@@ -134,13 +134,30 @@ MAX_NESTING = 3  # parentheses opened (or closed) next to one number
 SAMPLE_TEMPERATURE = 0.7  # for the samples after the first, greedy one
 
 _PROBLEM_NUMBER = re.compile(r"(?<![\d.,])(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+# Numbers a problem writes in words, as the number an expression needs: "twice" and "half" both need a 2
+# (× 2, ÷ 2), "a dozen" 12, "20%" a 100. On GSM8K, 3,850 of the 7,473 training solutions are one expression
+# over the problem's numbers with these, 2,320 over its digits alone.
+_UNITS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+_TENS = {"twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80, "ninety": 90}
+NUMBER_WORDS = {**{word: str(n) for n, word in enumerate(_UNITS[1:], start=2)},
+                "ten": "10", "eleven": "11", "twelve": "12", **{word: str(n) for word, n in _TENS.items()},
+                "twice": "2", "double": "2", "half": "2", "triple": "3", "thrice": "3", "quarter": "4",
+                "dozen": "12", "percent": "100", "%": "100"}
+_NUMBER_WORD = re.compile(rf"%|\b(?:({'|'.join(_TENS)})-({'|'.join(_UNITS)})|"
+                          rf"{'|'.join(w for w in NUMBER_WORDS if w.isalpha())})\b", re.IGNORECASE)
 _TOKEN = re.compile(r"\d+(?:\.\d+)?|[-+*/()]")
 _CALCULATION = re.compile(r"<<([^=<>]+)=([^<>]+)>>")
 
 
 def problem_numbers(text: str) -> tuple[str, ...]:
-    """The numbers written in a problem, commas dropped (`$1,200` → `1200`), each once, in order."""
-    return tuple(dict.fromkeys(m.replace(",", "") for m in _PROBLEM_NUMBER.findall(text)))
+    """The numbers written in a problem, each once, in order: in digits, commas dropped (`$1,200` → `1200`),
+    or in words (`three`, `twenty-five`, `twice` → 2, `half` → 2, `a dozen` → 12, `20%` → 20 and 100)."""
+    found = [(m.start(), m[0].replace(",", "")) for m in _PROBLEM_NUMBER.finditer(text)]
+    for m in _NUMBER_WORD.finditer(text):
+        tens, unit = m[1], m[2]
+        found.append((m.start(), str(_TENS[tens.lower()] + _UNITS.index(unit.lower()) + 1) if tens
+                      else NUMBER_WORDS[m[0].lower()]))
+    return tuple(dict.fromkeys(number for _, number in sorted(found)))
 
 
 def expression_pattern(numbers: Sequence[str]) -> str:
@@ -267,7 +284,9 @@ class MathExpression(dspy.Module):
     in the problem, + - * / and parentheses; `validators.calculate` computes it. With `choices` > 0 (the
     default) the grammar is narrower still: the answer is one of the expressions of the `choices_from` nearest
     problems with this problem's numbers put in their places (`options`), choosing being easier for a small
-    model than writing, and retries go back to the open grammar. With `samples` > 1 the first
+    model than writing, and retries go back to the open grammar. With `agree` > 0, when at least `agree` of
+    those problems' expressions give the first choice's value, it is the answer and no LM call is made
+    (on GSM8K the 135M model chooses worse than such neighbours; on SVAMP better). With `samples` > 1 the first
     expression is greedy and the others sampled, and the value most of them compute wins (ties: the earlier);
     its share of the samples is returned as `agreement`. An expression outside the pattern (possible only
     without the grammar), one the calculator refuses, or a value no training answer resembles (negative, or
@@ -276,15 +295,16 @@ class MathExpression(dspy.Module):
     """
 
     def __init__(self, task: TaskLike, k: int = 4, samples: int = 1, nearest_last: int = 1, max_retries: int = 2,
-                 choices: int = 8, choices_from: int = 32, embedder: str = "tfidf"):
+                 choices: int = 8, choices_from: int = 32, agree: int = 0, embedder: str = "tfidf"):
         super().__init__()
-        if k < 1 or samples < 1 or max_retries < 0 or choices < 0 or choices_from < 0:
-            raise ProgramError(f"math.expr needs k >= 1, samples >= 1, max_retries >= 0, choices >= 0 and "
-                               f"choices_from >= 0, got k={k}, samples={samples}, max_retries={max_retries}, "
-                               f"choices={choices}, choices_from={choices_from}")
+        if k < 1 or samples < 1 or max_retries < 0 or choices < 0 or choices_from < 0 or agree < 0:
+            raise ProgramError(f"math.expr needs k >= 1, samples >= 1, max_retries >= 0, choices >= 0, "
+                               f"choices_from >= 0 and agree >= 0, got k={k}, samples={samples}, "
+                               f"max_retries={max_retries}, choices={choices}, choices_from={choices_from}, "
+                               f"agree={agree}")
         self.inputs, self.output = tuple(task.input_fields), task.answer_field
         self.settings = Tunable(k=k, samples=samples, nearest_last=nearest_last, max_retries=max_retries,
-                                choices=choices, choices_from=choices_from)
+                                choices=choices, choices_from=choices_from, agree=agree)
         self.retrieve = ExpressionPool(task.input_fields, task.answer_field, embedder=embedder)
         self.write = dspy.Predict(dspy.Signature(
             {**_inputs(task),
@@ -305,9 +325,16 @@ class MathExpression(dspy.Module):
             reach = self.settings["choices_from"] if self.settings["choices"] else 0
             nearest = self.retrieve(max(self.settings["k"], reach), **inputs)  # most similar first
         neighbours = nearest[:self.settings["k"]]
-        options = self.options(nearest[:reach or self.settings["k"]], numbers)
+        ranked = self.options(nearest[:reach or self.settings["k"]], numbers)
+        options = [expression for expression, _ in ranked]
         if options:
             record.note(f"choices: {'; '.join(options)}")
+        if ranked and self.settings["agree"] and ranked[0][1] >= self.settings["agree"]:
+            (expression, votes), value = ranked[0], calculate(ranked[0][0])
+            record.note(f"{votes} of {len(nearest[:reach])} similar problems give {expression} = "
+                        f"{format_number(value)}: no call")
+            # agreement 1: the answer does not depend on the model, so a cascade has no reason to ask another
+            return record.prediction(**{self.output: value, EXPRESSION: expression, "agreement": 1.0})
         call = {**inputs, "demos": [*self.write.demos, *(neighbours[::-1] if self.settings["nearest_last"]
                                                           else neighbours)]}
         free = self.write.signature.with_updated_fields(EXPRESSION, **{OUTPUT_SCHEMA: {"pattern": pattern}})
@@ -348,12 +375,13 @@ class MathExpression(dspy.Module):
         expression = next(text for v, text in computed if v == value)
         return record.prediction(**{self.output: value, EXPRESSION: expression, "agreement": agreement})
 
-    def options(self, neighbours: list[dict[str, Any]], numbers: Sequence[str]) -> list[str]:
-        """With `choices` = n > 0, the expressions the answer must be one of: each neighbour's (the
-        `choices_from` nearest, the k demos when 0: more reach further than the demos can show) expression with
-        its numbers replaced, by their order in its problem, by this problem's (`transfer_expression`), one per
-        computed value, the value most neighbours give first (ties: the nearer), a value no training answer
-        resembles left out; at most n. Empty (any expression over the numbers) when n = 0 or none transfers."""
+    def options(self, neighbours: list[dict[str, Any]], numbers: Sequence[str]) -> list[tuple[str, int]]:
+        """With `choices` = n > 0, the expressions the answer must be one of, each with the number of neighbours
+        that give its value: each neighbour's (the `choices_from` nearest, the k demos when 0: more reach further
+        than the demos can show) expression with its numbers replaced, by their order in its problem, by this
+        problem's (`transfer_expression`), one per computed value, the value most neighbours give first (ties:
+        the nearer), a value no training answer resembles left out; at most n. Empty (any expression over the
+        numbers) when n = 0 or none transfers."""
         if not self.settings["choices"]:
             return []
         votes: Counter[Number] = Counter()
@@ -370,7 +398,7 @@ class MathExpression(dspy.Module):
             votes[value] += 1
             first.setdefault(value, expression)
         ranked = sorted(first, key=lambda v: -votes[v])  # stable: the nearer first among equal votes
-        return [first[value] for value in ranked[:self.settings["choices"]]]
+        return [(first[value], votes[value]) for value in ranked[:self.settings["choices"]]]
 
 
 def transfer_expression(expression: str, source: Sequence[str], numbers: Sequence[str]) -> str | None:
@@ -414,6 +442,7 @@ SPECS = (
         "one expression over the problem's numbers (grammar-constrained, similar solved problems as demos), "
         "computed by a calculator; optional self-consistency vote",
         MathExpression, _numeric_metric, settings={"k": 4, "samples": 1, "nearest_last": 1, "max_retries": 2,
-                                                    "choices": 8, "choices_from": 32, "embedder": "tfidf"},
+                                                    "choices": 8, "choices_from": 32, "agree": 0,
+                                                    "embedder": "tfidf"},
     ),
 )

@@ -14,8 +14,8 @@ from optimize.data import Task
 from optimize.llm.adapter import CacheFriendlyAdapter
 from optimize.llm.engine import schema_grammar
 from optimize.trial import get_program
-from programs.math import (chained_expression, expression_pattern, problem_numbers, tidy_expression,
-                           transfer_expression)
+from programs.math import (chained_expression, demo_expression, expression_pattern, problem_numbers,
+                           tidy_expression, transfer_expression)
 from programs.retrieval import fill_retrievers
 
 TASK = Task("svamp", "math", ("question",), "answer")
@@ -45,6 +45,20 @@ def ask(built, answers, question=QUESTION, adapter=ADAPTER):
 
 def test_problem_numbers_drop_commas_and_repeats():
     assert problem_numbers("He paid $1,200.50 for 3 chairs, 3 tables and 12 lamps.") == ("1200.50", "3", "12")
+
+
+def test_problem_numbers_read_number_words_in_their_place():
+    # GSM8K writes many of the numbers its solutions use in words: "twice" and "half" need a 2, "%" a 100.
+    text = "Twenty-five kids ate half of the 30 cakes, twice as many as a dozen; 20% tax, three times."
+    assert problem_numbers(text) == ("25", "2", "30", "12", "20", "100", "3")
+    assert problem_numbers("None of the one hundred") == ()  # "one" is no operand; "none" no number
+
+
+def test_a_gsm8k_solution_with_a_number_in_words_becomes_a_demo_expression():
+    rationale = "Half of 30 is <<30/2=15>>15. Then 15 + 4 = <<15+4=19>>19."
+    example = {"question": "Tom had 30 apples and gave half away, then found 4. How many?", "answer": "19",
+               "rationale": rationale}
+    assert demo_expression(example, example["question"], "answer") == "(30 / 2) + 4"  # digits alone: no 2
 
 
 def test_the_pattern_admits_only_the_problems_numbers():
@@ -278,3 +292,15 @@ def test_choices_can_reach_further_than_the_demos():
     assert enums == [["2 + 8"], ["2 + 8", "2 / 8"], ["2 + 8"]]
     _, lm = ask(program(k=1, choices=4, choices_from=5), [{"expression": "2 + 8"}], question)
     assert len([m for m in lm.history[-1]["messages"][1:-1] if m["role"] == "user"]) == 1  # one demo shown
+
+
+def test_similar_problems_that_agree_answer_without_a_call():
+    # Onto (5, 1, 2) two subtractions transfer as 5 - 1, the others to 5 / 1, 5 + 1, 5 + (1 * 2): with agree = 2
+    # the value two neighbours give is the answer and the model is not asked (DummyLM has no answer to give).
+    question = "Jerry had 5 action figures, gave away 1, then bought 2. How many does he have?"
+    prediction, lm = ask(program(choices=4, choices_from=6, agree=2), [], question)
+    assert (prediction.answer, prediction.expression, prediction.agreement) == (4, "5 - 1", 1.0)
+    assert lm.history == [] and prediction.steps == 0
+    assert "2 of 5 similar problems give 5 - 1 = 4: no call" in prediction.trace_notes
+    prediction, lm = ask(program(choices=4, choices_from=6, agree=3), [{"expression": "5 + 1"}], question)
+    assert len(lm.history) == 1 and prediction.answer == 6  # two do not make three: the model chooses
