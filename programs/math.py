@@ -330,7 +330,8 @@ class MathExpression(dspy.Module):
         if options:
             record.note(f"choices: {'; '.join(options)}")
         if ranked and self.settings["agree"] and ranked[0][1] >= self.settings["agree"]:
-            (expression, votes), value = ranked[0], calculate(ranked[0][0])
+            expression, votes = ranked[0]
+            value = calculate(expression)
             record.note(f"{votes} of {len(nearest[:reach])} similar problems give {expression} = "
                         f"{format_number(value)}: no call")
             # agreement 1: the answer does not depend on the model, so a cascade has no reason to ask another

@@ -1,7 +1,8 @@
-"""A sweep on a two-node Ray cluster (ray.cluster_utils.Cluster, one CPU each), printed as JSON.
+"""A sweep in a driver process of its own, printed as JSON: on a two-node Ray cluster it starts
+(ray.cluster_utils.Cluster, one CPU each), or at the experiment's [execution] address when it names one.
 
-Run by tests/test_ray.py in a process of its own: a Cluster and the session's `ray.init` cannot share one.
-Usage: python tests/ray_two_nodes.py '<experiment as JSON>'
+Run by tests/test_ray.py: a Cluster, or a Ray Client connection, and the session's `ray.init` cannot share
+one process. Usage: python tests/ray_driver.py '<experiment as JSON>'
 """
 
 from __future__ import annotations
