@@ -234,7 +234,7 @@ def load_export(folder: Path, *, model_spec: str | None = None, force: bool = Fa
 def _rebuild_knn(program: dspy.Module, task: Task, manifest: dict[str, Any], metric, folder: Path) -> dspy.Module:
     """KNNFewShot picks demos per input at call time, so its state is the training pool, not a JSON field:
     rebuild the retriever from the pool the export carries (the dataset may be nowhere near)."""
-    from optimize.optimizers import CompileInputs, compile_program, get_optimizer, resolve_settings
+    from optimize.optimizers import knn_program
 
     try:
         lines = (folder / POOL).read_text(encoding="utf-8").splitlines()
@@ -242,11 +242,7 @@ def _rebuild_knn(program: dspy.Module, task: Task, manifest: dict[str, Any], met
         raise ChainoptError(f"{folder} has no {POOL}, the training pool its KNN demos come from: it was exported "
                             "before exports carried it; export the run again") from None
     pool = [dspy.Example(**json.loads(line)).with_inputs(*task.input_fields) for line in lines if line.strip()]
-    opt = get_optimizer("knn_fewshot")
-    settings = resolve_settings(opt, manifest["optimizer"]["settings"])
-    ctx = CompileInputs(metric=metric, trainset=pool, valset=[], teacher_lm=None, seed=0, threads=1,
-                        input_fields=task.input_fields)
-    return compile_program(opt, dict(settings), program, ctx)[0]
+    return knn_program(program, manifest["optimizer"]["settings"], pool, metric, tuple(task.input_fields))
 
 
 def input_columns(data: dict[str, Any], task: Task) -> dict[str, str]:

@@ -237,6 +237,17 @@ def compile_program(spec: OptimizerSpec, settings: dict[str, Any], student: dspy
     return teleprompter.compile(student, **spec.compile_kwargs(ctx)), teleprompter
 
 
+def knn_program(program: dspy.Module, settings: dict[str, Any], pool: list[dspy.Example], metric: Callable,
+                input_fields: tuple[str, ...]) -> dspy.Module:
+    """A `knn_fewshot` program rebuilt from its JSON state (`program`, loaded) and its training pool: KNNFewShot
+    picks demos per input at call time from the pool, which the state does not hold. How a Ray worker scores
+    its shard of one, and how an export predicts."""
+    opt = get_optimizer("knn_fewshot")
+    ctx = CompileInputs(metric=metric, trainset=pool, valset=[], teacher_lm=None, seed=0, threads=1,
+                        input_fields=input_fields)
+    return compile_program(opt, dict(resolve_settings(opt, settings)), program, ctx)[0]
+
+
 def trajectory(compiled: dspy.Module, teleprompter: Any) -> list[dict[str, Any]]:
     """Candidate scores over the optimizer's steps, in the order it evaluated them, from one record per
     optimizer: MIPROv2's trial logs (it also keeps the same evaluations best first as candidate_programs),

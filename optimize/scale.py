@@ -98,12 +98,9 @@ def _first_line(exc: BaseException) -> str:
 
 def whole(trial: Trial) -> str:
     """Why a trial runs whole on one worker rather than sharded ("" when it is sharded): a run token budget
-    is one ceiling over compile and all examples, and KNN demos are picked per input from the training pool
-    at call time, which the program's JSON state does not hold."""
+    is one ceiling over compile and all examples."""
     if trial.budget.run_tokens is not None:
         return "budget.run_tokens is one ceiling for the whole trial"
-    if trial.optimizer.name == "knn_fewshot":
-        return "knn_fewshot picks demos at call time"
     return ""
 
 

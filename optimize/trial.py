@@ -29,7 +29,8 @@ from optimize.llm.engine import build_lm
 from optimize.llm.models import describe
 from optimize.llm.settings import ModelConfig
 from optimize.llm.types import Observer, observe
-from optimize.optimizers import CompileInputs, compile_program, get_optimizer, resolve_settings, trajectory
+from optimize.optimizers import (CompileInputs, compile_program, get_optimizer, knn_program, resolve_settings,
+                                 trajectory)
 from optimize.progress import EvalProgress
 from optimize.progress import phase as timed
 from optimize.registry import Registry
@@ -211,9 +212,13 @@ def student(trial: Trial, splits: Splits, models: Models | None) -> dspy.Module:
 
 
 def rebuild(trial: Trial, splits: Splits, state: dict[str, Any], models: Models | None = None) -> dspy.Module:
-    """The compiled program again, from its JSON state: how it reaches a Ray worker (and comes back)."""
+    """The compiled program again, from its JSON state: how it reaches a Ray worker (and comes back). A
+    `knn_fewshot` program gets its KNN demos back from the whole training split, as it was compiled."""
     program = student(trial, splits, models)
     program.load_state(state)
+    if trial.optimizer.name == "knn_fewshot":
+        metric = get_program(trial.program.name).metric(splits.task)
+        program = knn_program(program, trial.optimizer.settings, splits.train, metric, splits.task.input_fields)
     return program
 
 

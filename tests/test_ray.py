@@ -83,6 +83,20 @@ def test_ray_gives_the_local_answers_and_metrics(ray_cluster, local_run):
     assert any("in 2 shards on 2 workers: 3/3" in line and "ex/s" in line for line in lines), lines
 
 
+
+@pytest.mark.model
+def test_a_knn_fewshot_trial_is_sharded_and_gives_the_local_answers(ray_cluster):
+    # KNN demos are picked per input from the training pool at call time, which the JSON state does not hold:
+    # each shard's worker rebuilds them from the pool, so the trial shards and answers as it does locally.
+    exp = {**EXPERIMENT, "data": {**EXPERIMENT["data"], "train": 20}, "programs": [{"name": "intent.predict"}],
+           "optimizers": [{"name": "knn_fewshot", "settings": {"k": 2}}]}
+    local = run_experiment(parse_experiment({**exp, "name": "knn-local"}))
+    lines: list[str] = []
+    on_ray = run_experiment(parse_experiment({**exp, "name": "knn-ray", "execution": {"backend": "ray"}}),
+                            progress=lines.append)
+    assert answers(on_ray) == answers(local)
+    assert any("in 2 shards on 2 workers: 3/3" in line for line in lines), lines
+
 def _ray_processes(title: bytes) -> list[int]:
     """Pids of the processes whose title starts with `title`: Ray titles a process that holds a chainopt
     worker (actor) `ray::Worker`, and `ray::Worker.score` while it scores a shard."""
