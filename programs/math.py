@@ -326,12 +326,11 @@ class MathExpression(dspy.Module):
             nearest = self.retrieve(max(self.settings["k"], reach), **inputs)  # most similar first
         neighbours = nearest[:self.settings["k"]]
         ranked = self.options(nearest[:reach or self.settings["k"]], numbers)
-        options = [expression for expression, _ in ranked]
+        options = [expression for expression, _, _ in ranked]
         if options:
             record.note(f"choices: {'; '.join(options)}")
-        if ranked and self.settings["agree"] and ranked[0][1] >= self.settings["agree"]:
-            expression, votes = ranked[0]
-            value = calculate(expression)
+        if ranked and self.settings["agree"] and ranked[0][2] >= self.settings["agree"]:
+            expression, value, votes = ranked[0]
             record.note(f"{votes} of {len(nearest[:reach])} similar problems give {expression} = "
                         f"{format_number(value)}: no call")
             # agreement 1: the answer does not depend on the model, so a cascade has no reason to ask another
@@ -376,13 +375,13 @@ class MathExpression(dspy.Module):
         expression = next(text for v, text in computed if v == value)
         return record.prediction(**{self.output: value, EXPRESSION: expression, "agreement": agreement})
 
-    def options(self, neighbours: list[dict[str, Any]], numbers: Sequence[str]) -> list[tuple[str, int]]:
-        """With `choices` = n > 0, the expressions the answer must be one of, each with the number of neighbours
-        that give its value: each neighbour's (the `choices_from` nearest, the k demos when 0: more reach further
-        than the demos can show) expression with its numbers replaced, by their order in its problem, by this
-        problem's (`transfer_expression`), one per computed value, the value most neighbours give first (ties:
-        the nearer), a value no training answer resembles left out; at most n. Empty (any expression over the
-        numbers) when n = 0 or none transfers."""
+    def options(self, neighbours: list[dict[str, Any]], numbers: Sequence[str]) -> list[tuple[str, Number, int]]:
+        """With `choices` = n > 0, the expressions the answer must be one of, each with its value and the
+        number of neighbours that give it: each neighbour's (the `choices_from` nearest, the k demos when 0:
+        more reach further than the demos can show) expression with its numbers replaced, by their order in
+        its problem, by this problem's (`transfer_expression`), one per computed value, the value most
+        neighbours give first (ties: the nearer), a value no training answer resembles left out; at most n.
+        Empty (any expression over the numbers) when n = 0 or none transfers."""
         if not self.settings["choices"]:
             return []
         votes: Counter[Number] = Counter()
@@ -399,7 +398,7 @@ class MathExpression(dspy.Module):
             votes[value] += 1
             first.setdefault(value, expression)
         ranked = sorted(first, key=lambda v: -votes[v])  # stable: the nearer first among equal votes
-        return [(first[value], votes[value]) for value in ranked[:self.settings["choices"]]]
+        return [(first[value], value, votes[value]) for value in ranked[:self.settings["choices"]]]
 
 
 def transfer_expression(expression: str, source: Sequence[str], numbers: Sequence[str]) -> str | None:
