@@ -206,6 +206,51 @@ def test_kv_memory_stays_bounded_and_lru_prefixes_are_evicted(llama, sequential)
         backend.generate(work[0])
 
 
+def test_a_call_longer_than_a_stream_runs_alone_on_the_long_backend_with_the_sequential_answer(
+        llama, sequential, smollm_info):
+    made = []
+    def long():  # its own Llama: a prompt answered twice on one context is not recomputed alike (see above)
+        made.append(SequentialBackend(load_llama(smollm_info, ModelConfig(n_ctx=2048))))
+        return made[-1]
+
+    backend = BatchedBackend(llama, parallel=2, cells_per_seq=256, max_prefixes=0, long=long)
+    try:
+        short = jobs(llama, 3)
+        with ThreadPoolExecutor(3) as pool:
+            list(pool.map(backend.generate, short))
+        assert not made  # every call fit a stream: the long context was never made
+        over = Generation(tokens=chat(llama, "Repeat the number 4242. " * 40), max_tokens=8)
+        assert len(over.tokens) + over.max_tokens > 256
+        work = [over, over, *jobs(llama, 5)[3:]]
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(backend.generate, work))
+        assert backend.long_calls == 2 and len(made) == 1  # only the long ones left the streams, to one context
+        expected = [sequential.generate(job) for job in work]
+        assert [(g.text, g.n_output) for g in got] == [(e.text, e.n_output) for e in expected]
+    finally:
+        backend.close()
+    assert made[0].llama._ctx.ctx is None  # closed with the backend
+
+
+def test_stream_cells_is_a_multiple_of_the_kv_padding():
+    # A stream cut inside a 256-cell block would attend over fewer cells than the sequential engine does.
+    with pytest.raises(ValueError, match="multiple of 256"):
+        ModelConfig(stream_cells=300)
+
+
+def test_the_engine_sizes_its_streams_by_stream_cells_and_serves_longer_calls(smollm_info):
+    engine = LlamaEngine(smollm_info, ModelConfig(n_ctx=2048, stream_cells=256, kv_cache_mb=200, parallel=4,
+                                                  max_tokens=4, cache=False))
+    try:
+        assert engine.backend.cells_per_seq == 256 and engine.backend.kv_bytes == 6 * 256 * 23040
+        assert engine.llama.n_ctx() == 256  # the Llama only tokenizes: its context stays small
+        lm = dspy.LM("llamacpp/smollm2", engine=engine, max_tokens=4, cache=False)
+        assert lm("Repeat after me. " * 60)[0]  # ~360 tokens: over a stream, under n_ctx
+        assert engine.backend.long_calls == 1
+    finally:
+        engine.close()
+
+
 def test_slots_fit_the_kv_budget_and_an_impossible_one_is_refused(llama):
     backend = BatchedBackend(llama, parallel=16, max_prefixes=2, kv_budget=10 * 2048 * 23040)
     try:

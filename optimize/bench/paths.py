@@ -178,7 +178,7 @@ def bench_trial(path: str, workload: Workload, n: int, *, parallel: int, model: 
     stock = path in STOCK
     model_cfg = ModelConfig(spec=model, n_ctx=N_CTX if stock else CHAINOPT_N_CTX, max_tokens=MAX_TOKENS,
                             seed=seed, cache=False, engine="batched" if path == "batched" else "sequential",
-                            parallel=parallel)
+                            parallel=parallel, stream_cells=CHAINOPT_N_CTX)
     return Trial(experiment=f"bench-{workload.name}", model=model_cfg,
                  data=DataConfig(dataset=workload.dataset, train=workload.train, dev=0, test=n, seed=seed),
                  program=ProgramConfig(name=workload.program),

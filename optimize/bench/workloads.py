@@ -11,8 +11,9 @@ STOCK = ("server", "inproc")
 LETTER = {"server": "a", "inproc": "b", "sequential": "c", "batched": "d"}
 N_CTX = 4096  # stock_baseline's value, for the stock rows
 # chainopt's rows: every call of these workloads fits (the longest, bootstrap's few-shot prompts, ~1,600
-# tokens plus the answer), and each batched slot holds n_ctx KV cells, so 4096 would leave room for 10
-# slots in the default KV budget instead of 16. The sequential row gets the same, so (c) and (d) compare.
+# tokens plus the answer), and the batched rows' slots hold as many KV cells (stream_cells), so every call
+# is batched; 4096 would leave room for 10 slots in the default KV budget instead of 16. The sequential
+# row gets the same n_ctx, so (c) and (d) compare.
 CHAINOPT_N_CTX = 2048
 # stock_baseline's value, asked by every row. The server path does not get it: DSPy's "openai" preset
 # sends max_completion_tokens, which llama_cpp.server ignores, so it decodes to EOS or n_ctx (as stock does).

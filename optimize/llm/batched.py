@@ -31,10 +31,14 @@ and trimming it beyond the match (`llama_memory_seq_rm(dst, n, -1)`); only the r
 A request whose prompt shares more with a prompt still being computed waits for it instead of
 computing the same tokens twice.
 
-Memory is fixed at start: (parallel + max_prefixes) streams x cells_per_seq cells. `cells_per_seq`
-defaults to the Llama's n_ctx (the engine's context window, so its overflow policy applies as is),
-and the number of slots is cut to keep the KV cache within `kv_budget` bytes (`kv_cache_mb` in the
-config).
+Memory is fixed at start: (parallel + max_prefixes) streams x cells_per_seq cells, and llama.cpp gives
+every stream the same number of cells, so a stream sized to the longest call the engine accepts (n_ctx)
+would make every slot pay for it. `cells_per_seq` is therefore the engine's `stream_cells` (what the
+usual call needs; default 1024), and a call longer than that goes to the backend `long` makes on first
+need (the engine's: the sequential one on an n_ctx context), one at a time: it gives the reference
+answer by construction, so answers stay equal to the sequential engine's, and a run whose calls all
+fit never allocates it. The number of slots is cut to keep the KV cache within `kv_budget` bytes
+(`kv_cache_mb` in the config).
 
 Sampling mirrors `llama_cpp.Llama` (the SequentialBackend reference): at temperature 0, the
 greedy token under the grammar; it is found by checking the unconstrained argmax against the
@@ -49,6 +53,7 @@ import ctypes
 import threading
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 from dspy import lm15
@@ -56,7 +61,7 @@ from dspy import lm15
 from optimize.errors import ModelError
 from optimize.llm.confidence import ChoiceTracker, vocabulary
 from optimize.llm.raw import Item, RawContext
-from optimize.llm.types import Completion, Generation, settle_choice
+from optimize.llm.types import Backend, Completion, Generation, settle_choice
 
 WAIT_FOR_SHARED = 64  # wait for a prompt in flight when it will share this many more tokens than the cache
 EMPTY = np.zeros(0, dtype=np.int32)
@@ -168,10 +173,11 @@ class BatchedBackend:
 
     def __init__(self, llama, parallel: int = 16, cells_per_seq: int | None = None, n_batch: int = 512,
                  max_prefixes: int = 2, n_threads: int | None = None, flash_attn: bool = False,
-                 kv_budget: int | None = None):
+                 kv_budget: int | None = None, long: Callable[[], Backend] | None = None):
         import llama_cpp as lc
 
         self.lc, self.llama = lc, llama
+        self._make_long, self._long, self._long_lock = long, None, threading.Lock()
         self.cells_per_seq = cells_per_seq or llama.n_ctx()
         self.bytes_per_cell = kv_bytes_per_cell(llama._model.model)
         if kv_budget is not None:
@@ -210,6 +216,7 @@ class BatchedBackend:
         self._free_prefix_seqs = list(range(parallel, n_streams))
         self._admitted = 0
         self.copies = 0  # full-stream copies made (diagnostics)
+        self.long_calls = 0  # calls longer than a stream, served by `long` (diagnostics)
         self.decoded: Counter[int] = Counter()  # tokens decoded per KV class (the bench's exact-layout floor)
         self._worker = threading.Thread(target=self._run, name="chainopt-batched-llama", daemon=True)
         self._worker.start()
@@ -219,6 +226,8 @@ class BatchedBackend:
         if not job.tokens:
             raise ModelError("empty prompt")
         if len(job.tokens) + job.max_tokens > self.cells_per_seq:
+            if self._make_long is not None:
+                return self._long_backend().generate(job)
             raise lm15.ContextLengthError(
                 f"prompt of {len(job.tokens)} tokens + max_tokens {job.max_tokens} exceeds the batched "
                 f"engine's {self.cells_per_seq} KV cells per sequence")
@@ -242,6 +251,18 @@ class BatchedBackend:
             self._cond.notify()
         self._worker.join()
         self.context.close()
+        with self._long_lock:
+            if self._long is not None:
+                self._long.close()
+
+    def _long_backend(self) -> Backend:
+        with self._long_lock:
+            if self._closed:
+                raise ModelError("the batched engine is closed")
+            if self._long is None:
+                self._long = self._make_long()
+            self.long_calls += 1
+            return self._long
 
     @property
     def cached_prefixes(self) -> list[int]:

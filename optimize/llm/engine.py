@@ -28,7 +28,7 @@ from dspy import lm15
 from dspy.lm15 import Message, Response, TextPart
 
 from optimize.errors import ModelError
-from optimize.llm.batched import BatchedBackend
+from optimize.llm.batched import KV_PAD, BatchedBackend
 from optimize.llm.models import ModelInfo, describe
 from optimize.llm.sequential import SequentialBackend
 from optimize.llm.settings import ModelConfig
@@ -54,13 +54,15 @@ def _signals_deferred() -> Iterator[None]:
             signal.raise_signal(sig)
 
 
-def load_llama(info: ModelInfo, cfg: ModelConfig, **extra):
-    """Load the model with llama.cpp; a file llama.cpp cannot read is a ModelError, not a crash."""
+def load_llama(info: ModelInfo, cfg: ModelConfig, n_ctx: int | None = None, **extra):
+    """Load the model with llama.cpp (a context of `n_ctx` cells, default the config's); a file llama.cpp
+    cannot read is a ModelError, not a crash."""
     import llama_cpp
 
+    n_ctx = n_ctx or cfg.n_ctx
     try:
         with _signals_deferred():
-            return llama_cpp.Llama(model_path=info.path, n_ctx=cfg.n_ctx, n_batch=min(512, cfg.n_ctx),
+            return llama_cpp.Llama(model_path=info.path, n_ctx=n_ctx, n_batch=min(512, n_ctx),
                                    n_threads=cfg.n_threads or os.cpu_count(), seed=cfg.seed, verbose=False, **extra)
     except (ValueError, RuntimeError) as exc:
         raise ModelError(f"llama.cpp cannot load {info.path}: {exc}") from exc
@@ -111,7 +113,10 @@ class LlamaEngine:
 
     def __init__(self, info: ModelInfo, cfg: ModelConfig, backend: Backend | None = None):
         self.info, self.cfg = info, cfg
-        self.llama = load_llama(info, cfg) if backend is None else getattr(backend, "llama")
+        if backend is not None:
+            self.llama = getattr(backend, "llama")
+        else:  # the batched engine decodes in contexts of its own: the Llama's serves tokenizing, so it is small
+            self.llama = load_llama(info, cfg, n_ctx=KV_PAD if cfg.engine == "batched" else None)
         self.backend = backend or self._default_backend()
         self.formatter = chat_formatter(self.llama)
         self._sample_seeds = itertools.count(cfg.seed + 1)
@@ -121,7 +126,10 @@ class LlamaEngine:
 
     def _default_backend(self) -> Backend:
         if self.cfg.engine == "batched":
-            return BatchedBackend(self.llama, parallel=self.cfg.parallel, kv_budget=self.cfg.kv_cache_mb * 10**6)
+            # Streams sized to the usual call; a longer one runs alone, on an n_ctx context made when first needed.
+            return BatchedBackend(self.llama, parallel=self.cfg.parallel, kv_budget=self.cfg.kv_cache_mb * 10**6,
+                                  cells_per_seq=min(self.cfg.stream_cells, self.cfg.n_ctx),
+                                  long=lambda: SequentialBackend(load_llama(self.info, self.cfg)))
         return SequentialBackend(self.llama)
 
     # -- prompt ---------------------------------------------------------------------------------
@@ -220,7 +228,8 @@ def close_engines() -> None:
 def get_engine(cfg: ModelConfig) -> LlamaEngine:
     """One engine per (model file, runtime settings) in a process: loading is paid once per sweep."""
     info = describe(cfg.spec)
-    key = (info.sha256, cfg.n_ctx, cfg.n_threads, cfg.engine, cfg.parallel, cfg.kv_cache_mb, cfg.overflow)
+    key = (info.sha256, cfg.n_ctx, cfg.n_threads, cfg.engine, cfg.parallel, cfg.stream_cells, cfg.kv_cache_mb,
+           cfg.overflow)
     with _engines_lock:
         if key not in _engines:
             _engines[key] = LlamaEngine(info, cfg)
