@@ -23,7 +23,7 @@ class ModelConfig(BaseModel):
     engine: Literal["batched", "sequential"] = Field("batched", description="batched: many sequences decoded together (optimize.llm.batched); sequential: one call at a time")
     parallel: int = Field(16, ge=1, le=64, description="sequences decoded together by the batched engine")
     stream_cells: int = Field(1024, ge=256, multiple_of=256, description="KV cells each batched sequence holds "
-                              "(at most n_ctx); a call longer than that runs alone on the model's own n_ctx context")
+                              "(at most n_ctx); a longer call runs alone, on an n_ctx context made when the first one comes")
     kv_cache_mb: int = Field(1200, ge=1, description="KV cache memory the batched engine may take; it runs fewer "
                              "than `parallel` sequences when they do not fit (each holds stream_cells cells)")
     overflow: Literal["fail", "truncate"] = Field("fail", description="what to do with a prompt longer than n_ctx")
