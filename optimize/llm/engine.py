@@ -54,14 +54,43 @@ def _signals_deferred() -> Iterator[None]:
             signal.raise_signal(sig)
 
 
+_params_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _batch_invariant_kernels() -> Iterator[None]:
+    """Keep llama.cpp off the two CPU paths whose result for one row depends on how many rows are multiplied
+    together: the tiled K-quant matmul (taken from 8 rows on; read once per process from GGML_CPU_TILED_MM)
+    and repacked weights (CPU_REPACK: Q4_K and Q4_0 matrices get a GEMM kernel from 4 rows on). With either,
+    a sequence decoded beside others gets other logits than alone (up to 0.5 apart on the 0.5B model, whose
+    Q4_K and Q6_K matrices take both), and the batched engine's answers leave the sequential engine's.
+    Llama() takes no use_extra_bufts, so the default parameters it starts from say False while it loads."""
+    import llama_cpp.llama_cpp as lib
+
+    os.environ.setdefault("GGML_CPU_TILED_MM", "0")
+    with _params_lock:
+        default = lib.llama_model_default_params
+
+        def params():
+            p = default()
+            p.use_extra_bufts = False
+            return p
+
+        lib.llama_model_default_params = params
+        try:
+            yield
+        finally:
+            lib.llama_model_default_params = default
+
+
 def load_llama(info: ModelInfo, cfg: ModelConfig, n_ctx: int | None = None, **extra):
-    """Load the model with llama.cpp (a context of `n_ctx` cells, default the config's); a file llama.cpp
-    cannot read is a ModelError, not a crash."""
+    """Load the model with llama.cpp (a context of `n_ctx` cells, default the config's) on batch-invariant
+    kernels; a file llama.cpp cannot read is a ModelError, not a crash."""
     import llama_cpp
 
     n_ctx = n_ctx or cfg.n_ctx
     try:
-        with _signals_deferred():
+        with _signals_deferred(), _batch_invariant_kernels():
             return llama_cpp.Llama(model_path=info.path, n_ctx=n_ctx, n_batch=min(512, n_ctx),
                                    n_threads=cfg.n_threads or os.cpu_count(), seed=cfg.seed, verbose=False, **extra)
     except (ValueError, RuntimeError) as exc:
