@@ -1,6 +1,7 @@
 """The engine loads models on llama.cpp kernels whose result for one sequence does not depend on how many
-sequences decode with it: the ground the batched engine's equal answers stand on, on the 0.5B model whose Q4_K and
-Q6_K matrices take llama.cpp's batch-dependent paths unless the engine keeps them off."""
+sequences decode with it: the ground the batched engine's equal answers stand on. The 0.5B model's Q4_K and Q6_K
+matrices take llama.cpp's batch-dependent paths unless the engine keeps them off; the 135M's Q8_0 rewrite goes
+through llamafile's GEMM, which must stay batch-invariant for it."""
 
 import importlib.util
 
@@ -12,21 +13,23 @@ from optimize.llm.engine import load_llama
 from optimize.llm.models import QWEN, describe
 from optimize.llm.raw import RawContext
 
-pytestmark = [pytest.mark.model,
-              pytest.mark.skipif(importlib.util.find_spec(QWEN.packages[0]) is None,
-                                 reason="the chainopt[qwen] extra is not installed")]
+pytestmark = pytest.mark.model
+QWEN_SPEC = pytest.param("qwen2.5-coder-0.5b", marks=pytest.mark.skipif(
+    importlib.util.find_spec(QWEN.packages[0]) is None, reason="the chainopt[qwen] extra is not installed"))
 
 WIDE = 8  # the tiled K-quant matmul starts at 8 rows, the repacked Q4_K GEMM at 4
 
 
-def test_a_sequence_gets_the_same_logits_beside_others_as_alone_on_the_05b_model():
+@pytest.mark.parametrize("spec", [QWEN_SPEC, "smollm2-135m-q8_0"])
+def test_a_sequence_gets_the_same_logits_beside_others_as_alone(spec):
     """8 prompts of one KV class decoded in one llama_decode against each decoded alone (a copy of its stream),
-    for 3 steps. Fails if load_llama leaves llama.cpp's tiled K-quant matmul or its repacked weights on
-    (measured: 2 of 32 logit rows equal, up to 0.53 apart), or if the batch layout mixes the sequences."""
+    for 3 steps. Fails on the 0.5B if load_llama leaves llama.cpp's tiled K-quant matmul or its repacked weights
+    on (measured: 2 of 32 logit rows equal, up to 0.53 apart), on either if llama.cpp's kernel for its matrices
+    comes to depend on the batch, or if the batch layout mixes the sequences."""
     import llama_cpp.llama_cpp as lib
 
     stock_params = lib.llama_model_default_params
-    llama = load_llama(describe("qwen2.5-coder-0.5b"), ModelConfig(spec="qwen2.5-coder-0.5b"), n_ctx=256)
+    llama = load_llama(describe(spec), ModelConfig(spec=spec), n_ctx=256)
     assert lib.llama_model_default_params is stock_params  # the patch is for the engine's load only
     n_vocab = llama.n_vocab()
     prompts = [llama.tokenize(f"<|im_start|>user\nWhat is {7 * i + 3} plus {11 * i}? Think it through."
