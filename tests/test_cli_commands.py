@@ -48,9 +48,10 @@ def test_datasets_list_names_the_datasets_with_their_sizes(capsys):
 def test_models_list_describes_the_embedded_model(capsys, smollm_info):
     """Fails if an embedded model is missing from the list or the installed one is not described."""
     rows = {r["spec"]: r for r in _json(capsys, "models", "list")}
-    assert set(rows) == {"smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b"}
+    assert set(rows) == {"smollm2-135m", "smollm2-135m-q8_0", "gemma3-270m", "qwen2.5-coder-0.5b"}
     smol = rows["smollm2-135m"]
     assert smol["available"] and smol["quantization"] == "Q4_1" and smol["sha256"] == smollm_info.sha256[:12]
+    assert rows["smollm2-135m-q8_0"]["available"] and rows["smollm2-135m-q8_0"]["quantization"] == "Q8_0"
     assert rows["gemma3-270m"]["available"] or "gemma" in rows["gemma3-270m"]["reason"]  # an optional extra
     qwen = rows["qwen2.5-coder-0.5b"]  # an optional extra too, which scripts/install.sh installs
     assert qwen["sha256"] == "1d9614638d18" if qwen["available"] else "chainopt[qwen]" in qwen["reason"]
