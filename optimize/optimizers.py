@@ -233,7 +233,8 @@ def compile_program(spec: OptimizerSpec, settings: dict[str, Any], student: dspy
         return student, None
     kwargs = dict(settings)
     runtime = _knn_runtime(ctx, kwargs) if spec.name == "knn_fewshot" else spec.runtime(ctx)
-    teleprompter = teleprompter_class(spec)(**kwargs, **runtime)
+    # What chainopt passes at run time (threads, seed) is a default: a user's setting of the same name wins.
+    teleprompter = teleprompter_class(spec)(**{**runtime, **kwargs})
     return teleprompter.compile(student, **spec.compile_kwargs(ctx)), teleprompter
 
 

@@ -292,7 +292,7 @@ def test_two_tfidf_embedders_never_share_cached_vectors():
     assert np.any(tfidf_embedder(large, ("query",))(query))
 
 
-def search_retrieve(space, splits, task: Oracle):
+def search_retrieve(space, splits, task: Oracle, **more):
     """settings_search over intent.retrieve whose pool holds the dev rows: 1-NN alone answers them right."""
     from programs.retrieval import fill_retrievers
 
@@ -301,7 +301,7 @@ def search_retrieve(space, splits, task: Oracle):
     fill_retrievers(student, splits.train + splits.dev)
     ctx = CompileInputs(metric=spec.metric(splits.task), trainset=splits.train, valset=splits.dev,
                         teacher_lm=lm_of(task, "teacher"), seed=0, threads=2, input_fields=splits.task.input_fields)
-    settings = resolve_settings(opt, {"space": space})
+    settings = resolve_settings(opt, {"space": space, **more})
     with dspy.context(lm=lm_of(task, "task"), adapter=adapter()):
         return compile_program(opt, dict(settings), student, ctx)
 
@@ -330,6 +330,13 @@ def test_settings_search_breaks_a_tie_by_fewer_tokens(splits, gold):
     by_setting = {c["settings"]["agree"]: c for c in teleprompter.candidate_programs}
     assert by_setting[0]["score"] == by_setting[1]["score"] == 1.0
     assert by_setting[0]["tokens_per_example"] > by_setting[1]["tokens_per_example"] == 0
+
+
+def test_a_users_setting_wins_over_the_runtime_default(splits, gold):
+    """`num_threads` is also passed from [eval] threads: fails if the two collide (a TypeError) or the
+    run's value overrides the user's."""
+    compiled, teleprompter = search_retrieve({"agree": [0, 1]}, splits, Oracle(gold), num_threads=3, seed=7)
+    assert (teleprompter.num_threads, teleprompter.seed) == (3, 7)
 
 
 def test_settings_search_refuses_a_setting_the_program_lacks(splits, gold):
