@@ -400,6 +400,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chainopt: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        # The evaluation's worker threads are still inside their chains, and the interpreter waits for them
+        # at exit: closing the models makes each one's next token an error, so the process ends in seconds.
+        from optimize.llm.engine import close_engines
+
+        close_engines()
         print("chainopt: interrupted; finished runs are kept, run the same command again to resume",
               file=sys.stderr)
         return 130

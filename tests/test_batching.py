@@ -3,6 +3,7 @@ prefix reuse, one worker serving many threads, a grammar per sequence, bounded K
 
 import ctypes
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import dspy
@@ -302,3 +303,28 @@ def test_grammar_argmax_shortlist_equals_a_full_scan(llama, batched):
             assert batched.grammar_argmax(grammar, logits) == full_scan(logits) == allowed
     finally:
         lc.llama_sampler_free(grammar)
+
+
+ENDLESS = 'root ::= "ab" root'  # never complete: no end of generation is allowed, only max_tokens ends a call
+
+
+@pytest.mark.parametrize("kind", ["sequential", "batched"])
+def test_closing_stops_the_calls_in_flight_with_an_error(kind, llama, smollm_info):
+    """What an interrupted run relies on to exit at once: a thread inside a call gets an error within a token
+    or two of close(), not its answer minutes later. Fails if close() waits for the calls to finish (they
+    would return answers of 4,000 tokens) or frees the context under a running call (a crash)."""
+    backend = (SequentialBackend(load_llama(smollm_info, ModelConfig(n_ctx=4096))) if kind == "sequential"
+               else BatchedBackend(llama, parallel=4, max_prefixes=0))
+    long = Generation(tokens=chat(llama, "Write the letters a and b again and again."), max_tokens=4000,
+                      grammar=ENDLESS)
+    if kind == "batched":
+        long = Generation(tokens=long.tokens, max_tokens=2048 - len(long.tokens) - 1, grammar=ENDLESS)
+    with ThreadPoolExecutor(3) as pool:
+        calls = [pool.submit(backend.generate, long) for _ in range(3)]
+        time.sleep(1.0)  # every call is decoding (a few hundred of its tokens at most)
+        assert not any(call.done() for call in calls)
+        backend.close()
+        errors = [call.exception(timeout=30) for call in calls]
+    assert all(isinstance(e, ModelError) and "closed" in str(e) for e in errors), errors
+    with pytest.raises(ModelError, match="closed"):
+        backend.generate(long)

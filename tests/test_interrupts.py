@@ -74,3 +74,49 @@ def test_a_second_signal_breaks_through_a_held_block():
             time.sleep(0.05)
             reached.append("end of block")
     assert reached == []
+
+
+ENGINE_SCRIPT = textwrap.dedent("""
+    import signal, sys, time
+    from concurrent.futures import ThreadPoolExecutor
+    from optimize import cli
+    from optimize.interrupts import stop_on
+    from optimize.llm.engine import get_engine
+    from optimize.llm.settings import ModelConfig
+    from optimize.llm.types import Generation
+
+    def endless_calls(args, out):
+        # Four chains inside a model call that would decode 4,000 tokens each, one after the other.
+        engine = get_engine(ModelConfig(spec="smollm2-135m", engine="sequential", n_ctx=4096))
+        tokens = tuple(engine.llama.tokenize(b"Write a and b again and again.", add_bos=False))
+        call = Generation(tokens=tokens, max_tokens=4000, grammar='root ::= "ab" root')
+        pool = ThreadPoolExecutor(4)
+        for _ in range(4):
+            pool.submit(engine.backend.generate, call)
+        pool.shutdown(wait=False)  # as DSPy's evaluation leaves its threads when interrupted
+        with stop_on(signal.SIGTERM):
+            print("ready", file=sys.__stdout__, flush=True)  # main() sends stdout to /dev/null
+            time.sleep(600)
+
+    cli.cmd_models = endless_calls
+    sys.exit(cli.main(["models", "list"]))
+""")
+
+
+@pytest.mark.model
+def test_an_interrupted_command_stops_the_model_calls_in_flight():
+    """The interpreter waits at exit for the threads of an interrupted evaluation: without closing the
+    models on interrupt, four calls of 4,000 tokens ran to their end first (minutes on 2 cores)."""
+    child = subprocess.Popen([sys.executable, "-c", ENGINE_SCRIPT], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, cwd=Path(__file__).resolve().parents[1])
+    assert child.stdout.readline().strip() == "ready"
+    time.sleep(1.0)
+    sent = time.monotonic()
+    child.send_signal(signal.SIGTERM)
+    try:
+        out, err = child.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        raise AssertionError("still decoding 30 s after SIGTERM")
+    assert child.returncode == 130 and "interrupted; finished runs are kept" in err, err
+    assert time.monotonic() - sent < 30

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import threading
 
+from optimize.errors import ModelError
 from optimize.llm.confidence import ChoiceTracker, vocabulary
 from optimize.llm.types import Completion, Generation
+
+CLOSED = "the sequential engine was closed"
 
 
 class SequentialBackend:
@@ -17,6 +20,7 @@ class SequentialBackend:
     def __init__(self, llama):
         self.llama = llama
         self.lock = threading.Lock()
+        self._closing = threading.Event()
 
     def _reusable_prefix(self, tokens: list[int]) -> int:
         # Mirrors Llama.generate: the longest common prefix with what the context holds is kept,
@@ -30,6 +34,7 @@ class SequentialBackend:
         return lcp - 1 if lcp == len(tokens) else lcp
 
     def generate(self, job: Generation) -> Completion:
+        from llama_cpp import StoppingCriteriaList
         from llama_cpp.llama_grammar import LlamaGrammar
 
         grammar = LlamaGrammar.from_string(job.grammar, verbose=False) if job.grammar else None
@@ -44,11 +49,17 @@ class SequentialBackend:
             return logits
 
         with self.lock:
+            if self._closing.is_set():
+                raise ModelError(CLOSED)
             reused = max(0, self._reusable_prefix(tokens))
+            # Closing stops a call between two tokens: its caller gets an error, not a cut answer.
             out = self.llama.create_completion(
                 prompt=tokens, max_tokens=job.max_tokens, temperature=job.temperature, seed=job.seed,
                 top_p=job.top_p, top_k=job.top_k, min_p=0.0, repeat_penalty=1.0, grammar=grammar,
-                logits_processor=[watch] if tracker is not None else None)
+                logits_processor=[watch] if tracker is not None else None,
+                stopping_criteria=StoppingCriteriaList([lambda input_ids, logits: self._closing.is_set()]))
+            if self._closing.is_set():
+                raise ModelError(CLOSED)
             if tracker is not None:  # the last token, sampled after the last look at the logits
                 output[:] = [int(t) for t in self.llama._input_ids[len(tokens):]]
         choice = out["choices"][0]
@@ -59,4 +70,8 @@ class SequentialBackend:
                           confidence=confidence)
 
     def close(self) -> None:
-        self.llama.close()
+        """Stop the call in progress (its caller gets an error), refuse new ones, free the context. Safe while
+        other threads are calling: the context is freed only once no call is using it."""
+        self._closing.set()
+        with self.lock:
+            self.llama.close()
