@@ -109,14 +109,14 @@ def test_an_interrupted_command_stops_the_model_calls_in_flight():
     models on interrupt, four calls of 4,000 tokens ran to their end first (minutes on 2 cores)."""
     child = subprocess.Popen([sys.executable, "-c", ENGINE_SCRIPT], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, cwd=Path(__file__).resolve().parents[1])
-    assert child.stdout.readline().strip() == "ready"
-    time.sleep(1.0)
-    sent = time.monotonic()
-    child.send_signal(signal.SIGTERM)
     try:
-        out, err = child.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        raise AssertionError("still decoding 30 s after SIGTERM")
+        assert child.stdout.readline().strip() == "ready"
+        time.sleep(1.0)
+        child.send_signal(signal.SIGTERM)
+        try:
+            out, err = child.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("still decoding 30 s after SIGTERM") from None
+    finally:
+        child.kill()  # never left decoding on the cores, whatever failed
     assert child.returncode == 130 and "interrupted; finished runs are kept" in err, err
-    assert time.monotonic() - sent < 30
