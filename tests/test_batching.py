@@ -312,7 +312,7 @@ ENDLESS = 'root ::= "ab" root'  # never complete: no end of generation is allowe
 def test_closing_stops_the_calls_in_flight_with_an_error(kind, llama, smollm_info):
     """What an interrupted run relies on to exit at once: a thread inside a call gets an error within a token
     or two of close(), not its answer minutes later. Fails if close() waits for the calls to finish (they
-    would return answers of 4,000 tokens) or frees the context under a running call (a crash)."""
+    would return answers of thousands of tokens) or frees the context under a running call (a crash)."""
     backend = (SequentialBackend(load_llama(smollm_info, ModelConfig(n_ctx=4096))) if kind == "sequential"
                else BatchedBackend(llama, parallel=4, max_prefixes=0))
     long = Generation(tokens=chat(llama, "Write the letters a and b again and again."), max_tokens=4000,
