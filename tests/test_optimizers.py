@@ -335,7 +335,7 @@ def test_settings_search_breaks_a_tie_by_fewer_tokens(splits, gold):
 def test_a_users_setting_wins_over_the_runtime_default(splits, gold):
     """`num_threads` is also passed from [eval] threads: fails if the two collide (a TypeError) or the
     run's value overrides the user's."""
-    compiled, teleprompter = search_retrieve({"agree": [0, 1]}, splits, Oracle(gold), num_threads=3, seed=7)
+    _, teleprompter = search_retrieve({"agree": [0, 1]}, splits, Oracle(gold), num_threads=3, seed=7)
     assert (teleprompter.num_threads, teleprompter.seed) == (3, 7)
 
 
