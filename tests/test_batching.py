@@ -283,28 +283,6 @@ def test_a_settled_choice_stops_decoding_with_the_same_answer(llama, sequential,
     assert all(g.n_output < e.n_output for g, e in zip(got, expected))  # the closing tokens were never decoded
 
 
-def test_grammar_argmax_shortlist_equals_a_full_scan(llama, batched):
-    import llama_cpp as lc
-
-    grammar = lc.llama_sampler_init_grammar(batched.vocab, COLOUR.encode(), b"root")
-    try:
-        def full_scan(logits: np.ndarray) -> int:
-            view = batched._all_view
-            view["id"], view["logit"] = np.arange(batched.n_vocab, dtype=np.int32), logits
-            arr = lc.llama_token_data_array(data=batched._all, size=batched.n_vocab, selected=-1, sorted=False)
-            lc.llama_sampler_apply(grammar, ctypes.byref(arr))
-            return int(view["id"][int(np.argmax(view["logit"][: arr.size]))])
-
-        rng = np.random.default_rng(0)
-        for rank in (2, 5, 40, 200):
-            logits = rng.normal(size=batched.n_vocab).astype(np.float32)
-            allowed = full_scan(logits)
-            logits[allowed] = np.sort(logits)[-rank] + 1e-3  # an allowed token ranked about `rank`
-            assert batched.grammar_argmax(grammar, logits) == full_scan(logits) == allowed
-    finally:
-        lc.llama_sampler_free(grammar)
-
-
 ENDLESS = 'root ::= "ab" root'  # never complete: no end of generation is allowed, only max_tokens ends a call
 
 

@@ -40,16 +40,13 @@ answer by construction, so answers stay equal to the sequential engine's, and a 
 fit never allocates it. The number of slots is cut to keep the KV cache within `kv_budget` bytes
 (`kv_cache_mb` in the config).
 
-Sampling mirrors `llama_cpp.Llama` (the SequentialBackend reference): at temperature 0, the
-greedy token under the grammar; it is found by checking the unconstrained argmax against the
-grammar first and scanning the whole 49k vocabulary only when that token is rejected, which gives
-the same token as grammar-then-greedy, since the argmax of the allowed tokens is the global argmax
-whenever the latter is allowed.
+Tokens are chosen by `optimize.llm.sampling`, as in the SequentialBackend: at temperature 0 the
+grammar-then-greedy token without a whole-vocabulary grammar scan; above it, a seeded draw from the
+grammar-masked distribution through the same code in both backends.
 """
 
 from __future__ import annotations
 
-import ctypes
 import threading
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
@@ -61,11 +58,11 @@ from dspy import lm15
 from optimize.errors import ModelError
 from optimize.llm.confidence import ChoiceTracker, vocabulary
 from optimize.llm.raw import Item, RawContext
+from optimize.llm.sampling import GrammarCheck, TokenSampler
 from optimize.llm.types import Backend, Completion, Generation, settle_choice
 
 WAIT_FOR_SHARED = 64  # wait for a prompt in flight when it will share this many more tokens than the cache
 EMPTY = np.zeros(0, dtype=np.int32)
-TOP_CANDIDATES = 64  # best tokens checked one by one before a whole-vocabulary grammar scan
 KV_PAD = 256  # llama.cpp pads the KV length a ubatch attends over to a multiple of this (llama_kv_cache::get_n_kv)
 
 
@@ -103,7 +100,7 @@ class _Slot:
     seq: int
     request: _Request
     reused: int
-    sampler: "_Sampler"
+    sampler: TokenSampler
     n_past: int  # tokens of this sequence already in the KV cache
     order: int  # admission order: prompts are computed first come, first served
     output: list[int] = field(default_factory=list)
@@ -123,49 +120,6 @@ class _Slot:
         if self.in_prefill:
             return self.prompt[: self.n_past]
         return np.concatenate([self.prompt, np.asarray(self.output[: self.n_past - len(self.prompt)], np.int32)])
-
-
-class _Sampler:
-    """One sequence's sampler, built like llama_cpp.Llama._init_sampler so answers match the reference."""
-
-    def __init__(self, backend: "BatchedBackend", job: Generation):
-        import llama_cpp as lc
-
-        self.lc, self.backend, self.job = lc, backend, job
-        self.grammar = None
-        if job.grammar:
-            self.grammar = lc.llama_sampler_init_grammar(backend.vocab, job.grammar.encode("utf-8"), b"root")
-            if not self.grammar:
-                raise ModelError("llama.cpp rejected the response grammar")
-        self.chain = None
-        if job.temperature > 0:
-            chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
-            if self.grammar:
-                lc.llama_sampler_chain_add(chain, self.grammar)  # the chain owns it from here
-                self.grammar = None
-            for part in (lc.llama_sampler_init_top_k(job.top_k), lc.llama_sampler_init_typical(1.0, 1),
-                         lc.llama_sampler_init_top_p(job.top_p, 1), lc.llama_sampler_init_min_p(0.0, 1),
-                         lc.llama_sampler_init_temp(job.temperature), lc.llama_sampler_init_dist(job.seed)):
-                lc.llama_sampler_chain_add(chain, part)
-            self.chain = chain
-
-    def sample(self, row: int) -> int:
-        lc, backend = self.lc, self.backend
-        if self.chain is not None:
-            return lc.llama_sampler_sample(self.chain, backend.context.ctx, row)
-        logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(backend.context.ctx, row), shape=(backend.n_vocab,))
-        token = int(np.argmax(logits))
-        if self.grammar is not None:
-            if not backend.grammar_allows(self.grammar, token, logits):
-                token = backend.grammar_argmax(self.grammar, logits)
-            lc.llama_sampler_accept(self.grammar, token)
-        return token
-
-    def free(self) -> None:
-        for sampler in (self.chain, self.grammar):
-            if sampler:
-                self.lc.llama_sampler_free(sampler)
-        self.chain = self.grammar = None
 
 
 class BatchedBackend:
@@ -200,11 +154,7 @@ class BatchedBackend:
         self.kv_bytes = n_streams * self.cells_per_seq * self.bytes_per_cell
         self.vocab = llama._model.vocab
         self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
-        # Candidates for a full grammar scan, and a one-token array for the fast check; worker-thread only.
-        self._all = (lc.llama_token_data * self.n_vocab)()
-        self._all_view = np.ctypeslib.as_array(self._all)
-        self._all_view["id"] = np.arange(self.n_vocab, dtype=np.int32)
-        self._one = (lc.llama_token_data * 1)()
+        self.check = GrammarCheck(self.vocab)  # the samplers' grammar scratch: worker thread only
 
         self._pending: deque[_Request] = deque()
         self._cond = threading.Condition()
@@ -270,39 +220,6 @@ class BatchedBackend:
         with self._cond:
             return [len(p.tokens) for p in self._prefixes.values()]
 
-    # -- grammar helpers (worker thread) -------------------------------------------------------------
-    def grammar_allows(self, grammar, token: int, logits: np.ndarray) -> bool:
-        one = self._one
-        one[0].id, one[0].logit, one[0].p = token, float(logits[token]), 0.0
-        arr = self.lc.llama_token_data_array(data=one, size=1, selected=-1, sorted=False)
-        self.lc.llama_sampler_apply(grammar, ctypes.byref(arr))
-        return one[0].logit != -np.inf
-
-    def grammar_argmax(self, grammar, logits: np.ndarray) -> int:
-        """The highest-logit token the grammar allows (lowest id among equals, as np.argmax).
-
-        The best TOP_CANDIDATES tokens are tried one by one first (a one-token grammar check each);
-        the whole vocabulary goes through the grammar only when none of them is allowed, or when the
-        one found ties with the cut-off (a token outside the shortlist could then tie with it)."""
-        top = np.argpartition(-logits, TOP_CANDIDATES)[:TOP_CANDIDATES]
-        top = top[np.lexsort((top, -logits[top]))]
-        floor = logits[top[-1]]
-        for token in top:
-            if logits[token] == floor:
-                break
-            if self.grammar_allows(grammar, int(token), logits):
-                return int(token)
-        view = self._all_view
-        view["id"] = np.arange(self.n_vocab, dtype=np.int32)
-        view["logit"] = logits
-        arr = self.lc.llama_token_data_array(data=self._all, size=self.n_vocab, selected=-1, sorted=False)
-        self.lc.llama_sampler_apply(grammar, ctypes.byref(arr))
-        masked = view["logit"][: arr.size]
-        best = int(np.argmax(masked))
-        if masked[best] == -np.inf:
-            raise ModelError("the response grammar allows no next token")
-        return int(view["id"][best])
-
     # -- worker --------------------------------------------------------------------------------------
     def _run(self) -> None:
         while True:
@@ -354,7 +271,7 @@ class BatchedBackend:
         return best, min(best_len, len(tokens) - 1)
 
     def _start(self, request: _Request, source: int | None, reuse: int) -> None:
-        sampler = _Sampler(self, request.job)
+        sampler = TokenSampler(request.job, self.check)
         seq = self._destination(request.tokens, reuse)
         if reuse > 0 and _lcp(self._free_slots[seq], request.tokens) >= reuse:
             source = seq  # in place: keep what the stream holds up to the match
@@ -465,12 +382,12 @@ class BatchedBackend:
                 self._finish(slot, error=exc)
 
     def _sample(self, slot: _Slot) -> None:
+        logits = np.ctypeslib.as_array(self.lc.llama_get_logits_ith(self.context.ctx, slot.logits_row),
+                                       shape=(self.n_vocab,))
         if slot.tracker is not None:
-            logits = np.ctypeslib.as_array(self.lc.llama_get_logits_ith(self.context.ctx, slot.logits_row),
-                                           shape=(self.n_vocab,))
             slot.tracker.step(self.llama.detokenize(slot.output).decode("utf-8", errors="ignore"), logits,
                               len(slot.output))
-        token = slot.sampler.sample(slot.logits_row)
+        token = slot.sampler.next(logits)
         if self.lc.llama_vocab_is_eog(self.vocab, token):
             self._finish(slot, reason="stop")
             return

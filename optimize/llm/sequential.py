@@ -1,14 +1,20 @@
 """The sequential backend: one llama.cpp context, one call at a time.
 
-The simple path, and the reference whose answers the batched backend must reproduce.
+The simple path, and the reference whose answers the batched backend must reproduce. At temperature 0
+llama.cpp's own grammar and greedy sampler pick the tokens (the independent reference for the batched
+backend's shortcut); a sampled call picks them through `optimize.llm.sampling`, as the batched backend
+does, handed the raw logits by a logits processor.
 """
 
 from __future__ import annotations
 
 import threading
 
+import numpy as np
+
 from optimize.errors import ModelError
 from optimize.llm.confidence import ChoiceTracker, vocabulary
+from optimize.llm.sampling import GrammarCheck, TokenSampler
 from optimize.llm.types import Completion, Generation
 
 CLOSED = "the sequential engine was closed"
@@ -21,6 +27,7 @@ class SequentialBackend:
         self.llama = llama
         self.lock = threading.Lock()
         self._closing = threading.Event()
+        self._check: GrammarCheck | None = None  # sampled calls' grammar scratch, made on first need
 
     def _reusable_prefix(self, tokens: list[int]) -> int:
         # Mirrors Llama.generate: the longest common prefix with what the context holds is kept,
@@ -37,7 +44,6 @@ class SequentialBackend:
         from llama_cpp import StoppingCriteriaList
         from llama_cpp.llama_grammar import LlamaGrammar
 
-        grammar = LlamaGrammar.from_string(job.grammar, verbose=False) if job.grammar else None
         tokens = list(job.tokens)
         tracker = ChoiceTracker(vocabulary(self.llama), *job.choice) if job.choice is not None else None
         output: list[int] = []
@@ -51,13 +57,33 @@ class SequentialBackend:
         with self.lock:
             if self._closing.is_set():
                 raise ModelError(CLOSED)
+            processors = [watch] if tracker is not None else []
+            sampler = grammar = None
+            if job.temperature > 0:
+                if self._check is None:
+                    self._check = GrammarCheck(self.llama._model.vocab)
+                sampler = TokenSampler(job, self._check)
+
+                def pick(input_ids, logits):
+                    """Leaves only the sampler's token: llama.cpp's greedy step then takes it."""
+                    chosen = np.full_like(logits, -np.inf)
+                    token = sampler.next(np.ascontiguousarray(logits))
+                    chosen[token] = 0.0
+                    return chosen
+
+                processors.append(pick)
+            elif job.grammar:
+                grammar = LlamaGrammar.from_string(job.grammar, verbose=False)
             reused = max(0, self._reusable_prefix(tokens))
             # Closing stops a call between two tokens: its caller gets an error, not a cut answer.
-            out = self.llama.create_completion(
-                prompt=tokens, max_tokens=job.max_tokens, temperature=job.temperature, seed=job.seed,
-                top_p=job.top_p, top_k=job.top_k, min_p=0.0, repeat_penalty=1.0, grammar=grammar,
-                logits_processor=[watch] if tracker is not None else None,
-                stopping_criteria=StoppingCriteriaList([lambda input_ids, logits: self._closing.is_set()]))
+            try:
+                out = self.llama.create_completion(
+                    prompt=tokens, max_tokens=job.max_tokens, temperature=0.0, seed=job.seed,
+                    repeat_penalty=1.0, grammar=grammar, logits_processor=processors or None,
+                    stopping_criteria=StoppingCriteriaList([lambda input_ids, logits: self._closing.is_set()]))
+            finally:
+                if sampler is not None:
+                    sampler.free()
             if self._closing.is_set():
                 raise ModelError(CLOSED)
             if tracker is not None:  # the last token, sampled after the last look at the logits
