@@ -1,6 +1,8 @@
 """Choosing each next token from the model's logits, greedy or sampled, under a job's response grammar.
 
-Both backends pick tokens here, so a seed gives the same sample on either, alone or decoded in a batch.
+Both backends draw sampled tokens here, so a seed gives the same sample on either, alone or decoded in a
+batch; the batched backend picks greedy tokens here too, the sequential one leaves those to llama.cpp (the
+independent reference that batched answers are checked against).
 
 Why not llama.cpp's sampler chain: its grammar step checks every token of the vocabulary at every step
 (151,936 tokens on Qwen2.5, in the batched engine's one worker thread: sampled decoding cost 2.2x greedy
