@@ -253,8 +253,11 @@ def trajectory(compiled: dspy.Module, teleprompter: Any) -> list[dict[str, Any]]
     """Candidate scores over the optimizer's steps, in the order it evaluated them, from one record per
     optimizer: MIPROv2's trial logs (it also keeps the same evaluations best first as candidate_programs),
     GEPA's validation aggregates, else the scored candidate list (put back in seed order where the
-    candidates carry one, as BootstrapFewShotWithRandomSearch's do; COPRO and SIMBA keep theirs best first)."""
+    candidates carry one, as BootstrapFewShotWithRandomSearch's do; COPRO and SIMBA keep theirs best first).
+    A settings_search step also says which settings it scored and what they cost, so a reader of the run
+    sees why the kept setting won."""
     logs = sorted((getattr(compiled, "trial_logs", None) or {}).items())
+    details: list[dict[str, Any]] = []
     scores = [log.get("full_eval_score", log.get("score")) for _, log in logs if isinstance(log, dict)]
     scores = [score for score in scores if score is not None]
     if not scores:
@@ -265,6 +268,8 @@ def trajectory(compiled: dspy.Module, teleprompter: Any) -> list[dict[str, Any]]
         if candidates and all("seed" in c for c in candidates):
             candidates.sort(key=lambda c: c["seed"])
         scores = [c["score"] for c in candidates]
+        details = [{key: c[key] for key in ("settings", "tokens_per_example", "seconds_per_success") if key in c}
+                   for c in candidates]
     if not scores and teleprompter:
         scores = list(getattr(teleprompter, "results_best", {}).get("__all__", []))
-    return [{"step": i, "score": float(score)} for i, score in enumerate(scores)]
+    return [{"step": i, "score": float(score), **(details[i] if details else {})} for i, score in enumerate(scores)]

@@ -319,7 +319,11 @@ def test_settings_search_keeps_the_setting_that_scores_best(splits, gold):
     task = MeteredOracle(gold, knows=lambda call: False)
     compiled, teleprompter = search_retrieve({"agree": [0, 1]}, splits, task)
     assert compiled.settings["agree"] == 1 and compiled.settings["k"] == 2
-    assert sorted(scores(trajectory(compiled, teleprompter))) == [0.0, 1.0]
+    steps = trajectory(compiled, teleprompter)
+    assert sorted(scores(steps)) == [0.0, 1.0]
+    # Each step names the setting it scored: fails if the record keeps the scores alone.
+    assert {step["settings"]["agree"]: step["score"] for step in steps} == {0: 0.0, 1: 1.0}
+    assert all(step["tokens_per_example"] >= 0 and "seconds_per_success" in step for step in steps)
 
 
 def test_settings_search_breaks_a_tie_by_fewer_tokens(splits, gold):
