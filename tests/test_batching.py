@@ -1,7 +1,6 @@
 """The batched backend on the real embedded model: same answers as the sequential reference, exact
 prefix reuse, one worker serving many threads, a grammar per sequence, bounded KV memory."""
 
-import ctypes
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor

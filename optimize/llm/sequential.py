@@ -78,7 +78,7 @@ class SequentialBackend:
             # Closing stops a call between two tokens: its caller gets an error, not a cut answer.
             try:
                 out = self.llama.create_completion(
-                    prompt=tokens, max_tokens=job.max_tokens, temperature=0.0, seed=job.seed,
+                    prompt=tokens, max_tokens=job.max_tokens, temperature=0.0,
                     repeat_penalty=1.0, grammar=grammar, logits_processor=processors or None,
                     stopping_criteria=StoppingCriteriaList([lambda input_ids, logits: self._closing.is_set()]))
             finally:
