@@ -46,6 +46,20 @@ def _tracking_uri_restored_after_each_test():
         os.environ["MLFLOW_TRACKING_URI"] = env_before
 
 
+@pytest.fixture
+def ctrl_c():
+    """Ctrl-C as an interactive start gives it. A suite started in the background of a non-interactive shell
+    (`make test &`) inherits SIGINT ignored, and chainopt rightly leaves an ignored signal ignored; the tests
+    of what Ctrl-C does need it heard."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 @pytest.fixture(scope="session")
 def root() -> Path:
     return ROOT

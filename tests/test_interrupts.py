@@ -54,7 +54,7 @@ def test_sigterm_cancels_the_examples_not_yet_started():
     assert started < 40, f"{started} of 200 examples ran after SIGTERM ({waited:.1f} s to exit)"
 
 
-def test_a_held_block_finishes_before_the_signal_is_heard():
+def test_a_held_block_finishes_before_the_signal_is_heard(ctrl_c):
     reached = []
     with pytest.raises(Interrupted):
         with stop_on(signal.SIGTERM), held():
@@ -65,7 +65,7 @@ def test_a_held_block_finishes_before_the_signal_is_heard():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
 
-def test_a_second_signal_breaks_through_a_held_block():
+def test_a_second_signal_breaks_through_a_held_block(ctrl_c):
     reached = []
     with pytest.raises(KeyboardInterrupt):
         with held():

@@ -30,7 +30,7 @@ def test_a_run_served_from_the_response_cache_is_never_on_the_pareto_front(mlflo
     assert rows == {"computed": True, "cached": False, "worse": False}
 
 
-def test_ctrl_c_inside_a_store_write_waits_for_it_and_the_run_ends_failed(mlflow_store):
+def test_ctrl_c_inside_a_store_write_waits_for_it_and_the_run_ends_failed(mlflow_store, ctrl_c):
     # CI saw Ctrl-C land inside SQLite's INSERT of a dataset input: the KeyboardInterrupt left the write lock
     # taken, so marking the run FAILED hit "database is locked" and the command exited 1 with a traceback.
     # Here the signal is sent from inside that very INSERT.
