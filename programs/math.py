@@ -3,6 +3,7 @@ and one expression over the problem's own numbers, decoded under a grammar that 
 
 from __future__ import annotations
 
+import ast
 import re
 from collections import Counter
 from typing import Any, Iterable, Sequence
@@ -291,11 +292,15 @@ class MathExpression(dspy.Module):
     its share of the samples is returned as `agreement`. An expression outside the pattern (possible only
     without the grammar), one the calculator refuses, or a value no training answer resembles (negative, or
     a fraction, where none of them is: `ExpressionPool.implausible`) is a recorded failure, and another
-    expression is sampled in its place, up to `max_retries` more calls.
+    expression is sampled in its place, up to `max_retries` more calls. With `repair` = 1, a difference that
+    comes out negative where no training answer is (`a - b`, the small model's commonest slip on "how many
+    more" problems) is read the other way round (`b - a`, `reversed_difference`) instead: the failure is still
+    recorded, and the repaired expression counts as the attempt's answer.
     """
 
     def __init__(self, task: TaskLike, k: int = 4, samples: int = 1, nearest_last: int = 1, max_retries: int = 2,
-                 choices: int = 8, choices_from: int = 32, agree: int = 0, embedder: str = "tfidf"):
+                 choices: int = 8, choices_from: int = 32, agree: int = 0, embedder: str = "tfidf",
+                 repair: int = 0):
         super().__init__()
         if k < 1 or samples < 1 or max_retries < 0 or choices < 0 or choices_from < 0 or agree < 0:
             raise ProgramError(f"math.expr needs k >= 1, samples >= 1, max_retries >= 0, choices >= 0, "
@@ -304,7 +309,7 @@ class MathExpression(dspy.Module):
                                f"agree={agree}")
         self.inputs, self.output = tuple(task.input_fields), task.answer_field
         self.settings = Tunable(k=k, samples=samples, nearest_last=nearest_last, max_retries=max_retries,
-                                choices=choices, choices_from=choices_from, agree=agree)
+                                choices=choices, choices_from=choices_from, agree=agree, repair=repair)
         self.retrieve = ExpressionPool(task.input_fields, task.answer_field, embedder=embedder)
         self.write = dspy.Predict(dspy.Signature(
             {**_inputs(task),
@@ -358,6 +363,11 @@ class MathExpression(dspy.Module):
                     record.accept("calculate", text)
                     if reason := self.retrieve.implausible(value):
                         record.fail(f"attempt {attempt + 1}: {str(text).strip()} = {reason}", "answer_domain", value)
+                        if self.settings["repair"] and (fixed := reversed_difference(str(text).strip())):
+                            value = calculate(fixed)
+                            if not self.retrieve.implausible(value):
+                                computed.append((value, fixed))
+                                record.note(f"repaired: {fixed} = {format_number(value)}")
                     else:
                         record.accept("answer_domain", value)
                         computed.append((value, str(text).strip()))
@@ -417,6 +427,17 @@ def transfer_expression(expression: str, source: Sequence[str], numbers: Sequenc
     return " ".join(tokens).replace("( ", "(").replace(" )", ")")  # as tidy as `expression`, numbers as written
 
 
+def reversed_difference(expression: str) -> str | None:
+    """`b - a` for an expression whose last operation is `a - b` (its value negated); None for any other."""
+    try:
+        tree = ast.parse(expression, mode="eval").body
+    except SyntaxError:
+        return None
+    if not (isinstance(tree, ast.BinOp) and isinstance(tree.op, ast.Sub)):
+        return None
+    return ast.unparse(ast.BinOp(tree.right, ast.Sub(), tree.left))
+
+
 def _compute_expression(text: str, pattern: str) -> Number:
     if not re.fullmatch(pattern, text):
         raise CalculatorError(f"{text!r} is not an expression over the problem's numbers with + - * / ( )")
@@ -443,6 +464,6 @@ SPECS = (
         "computed by a calculator; optional self-consistency vote",
         MathExpression, _numeric_metric, settings={"k": 4, "samples": 1, "nearest_last": 1, "max_retries": 2,
                                                     "choices": 8, "choices_from": 32, "agree": 0,
-                                                    "embedder": "tfidf"},
+                                                    "embedder": "tfidf", "repair": 0},
     ),
 )

@@ -4,7 +4,9 @@ A `Retriever` is a DSPy parameter, like a predictor: `program.save()` writes its
 into the program's JSON state, so an exported program carries its own index and `predict` needs no
 dataset. The index is TF-IDF (scikit-learn) over the examples' input text, fitted when the examples
 are set; `embedder = "minilm"` uses sentence-transformers embeddings instead, where that extra is
-installed. The pipeline fills every retriever of a built program with the whole training split
+installed. Over the same vectors a retriever also ranks the examples' labels with a logistic regression
+(`ranked`), fitted on first use: on Banking77 it ranks the gold label first more often than the
+neighbours' vote does (README). The pipeline fills every retriever of a built program with the whole training split
 (`fill_retrievers`), whatever number of examples an optimizer compiles on.
 """
 
@@ -43,11 +45,26 @@ class _Index:
         vectors = self._model.encode(texts, convert_to_numpy=True, normalize_embeddings=True)
         return np.asarray(vectors, dtype=np.float32)
 
+    def classifier(self, labels: Sequence[str]) -> Any:
+        """A logistic regression from these vectors to `labels` (one per example), as the `tfidf_logreg`
+        baseline fits it."""
+        from sklearn.linear_model import LogisticRegression
+
+        vectors = self._matrix.T  # example by feature again
+        return LogisticRegression(max_iter=2000, random_state=0).fit(vectors, list(labels))
+
+    def vectors(self, text: str) -> Any:
+        return self._encode([text])
+
+    def similarities(self, text: str) -> np.ndarray:
+        """The cosine similarity of `text` to every example, in the examples' order."""
+        scores = self._encode([text]) @ self._matrix
+        return np.asarray(scores.todense() if hasattr(scores, "todense") else scores).ravel()
+
     def nearest(self, text: str, k: int) -> list[tuple[int, float]]:
         """The k most similar examples' indices and cosine similarities, most similar first (ties: earlier
         example first)."""
-        scores = self._encode([text]) @ self._matrix
-        scores = np.asarray(scores.todense() if hasattr(scores, "todense") else scores).ravel()
+        scores = self.similarities(text)
         k = min(k, len(scores))
         top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
         return [(i, float(scores[i])) for i in sorted(top.tolist(), key=lambda i: (-scores[i], i))]
@@ -90,6 +107,7 @@ class _Lazy:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.index: _Index | None = None
+        self.classifiers: dict[str, Any] = {}  # answer field -> its label classifier over the index
 
 
 class Retriever(Parameter):
@@ -121,6 +139,7 @@ class Retriever(Parameter):
                 if not self.examples:
                     raise ProgramError("the retrieval step has no examples: fill it with the training split")
                 built.index = _Index([self.text(e) for e in self.examples], self.embedder)
+                built.classifiers = {}
             return built.index
 
     def __call__(self, k: int, **inputs: Any) -> list[dspy.Example]:
@@ -132,6 +151,35 @@ class Retriever(Parameter):
             raise ProgramError(f"retrieval k must be at least 1, got {k}")
         return [(dspy.Example(**self.examples[i]).with_inputs(*self.input_fields), similarity)
                 for i, similarity in self.index().nearest(self.text(inputs), k)]
+
+    def nearest_of(self, field: str, labels: Sequence[str], n: int, **inputs: Any) -> list[tuple[dspy.Example, float]]:
+        """The n examples most similar to the query among those whose `field` is each of `labels`, with their
+        similarity, most similar first: demos that show every choice, not only the nearest one's."""
+        if n < 1:
+            raise ProgramError(f"retrieval needs n >= 1 examples per label, got {n}")
+        scores = self.index().similarities(self.text(inputs))
+        wanted = {str(label): n for label in labels}
+        found = []
+        for i in np.argsort(-scores, kind="stable"):
+            label = str(self.examples[i].get(field))
+            if wanted.get(label, 0) > 0:
+                wanted[label] -= 1
+                found.append((dspy.Example(**self.examples[i]).with_inputs(*self.input_fields), float(scores[i])))
+                if not any(wanted.values()):
+                    break
+        return found
+
+    def ranked(self, field: str, **inputs: Any) -> list[tuple[str, float]]:
+        """The labels the examples give `field`, most likely first for this query, with their probabilities
+        under a logistic regression over the index's vectors (fitted once per field, ~10 s on 10,000 examples)."""
+        index, built = self.index(), self._built
+        with built.lock:
+            model = built.classifiers.get(field)
+            if model is None:
+                model = built.classifiers[field] = index.classifier([str(e[field]) for e in self.examples])
+        probabilities = model.predict_proba(index.vectors(self.text(inputs)))[0]
+        order = np.argsort(-probabilities, kind="stable")
+        return [(str(model.classes_[i]), float(probabilities[i])) for i in order]
 
     def reset(self) -> None:
         """Optimizers reset learned state before compiling; the examples and settings are not learned."""

@@ -179,6 +179,32 @@ def test_an_answer_unlike_every_training_answer_is_retried_sampled():
     assert fractions_allowed.retrieve.implausible(0.25) is None and fractions_allowed.retrieve.implausible(-1)
 
 
+def test_repair_reads_a_negative_difference_the_other_way_round():
+    built = get_program("math.expr").build(TASK, repair=1)
+    fill_retrievers(built, [e for e in POOL if e.answer != "4.5"])
+    prediction, lm = ask(built, [{"expression": "2 - 8"}])
+    assert prediction.answer == 6 and prediction.expression == "8 - 2" and len(lm.history) == 1
+    assert (prediction.validator_failures, prediction.retries) == (1, 0)  # the slip is still on record
+    assert "repaired: 8 - 2 = 6" in prediction.trace_notes
+    # Only a difference is reversed: a negative product is retried as before.
+    prediction, lm = ask(built, [{"expression": "(2 - 8) * 2"}, {"expression": "8 + 2"}])
+    assert prediction.answer == 10 and len(lm.history) == 2
+    # A repaired sample votes like any other: 8 - 2 twice outvotes 8 + 2 once.
+    voting = get_program("math.expr").build(TASK, repair=1, samples=3)
+    fill_retrievers(voting, [e for e in POOL if e.answer != "4.5"])
+    prediction, _ = ask(voting, [{"expression": "8 + 2"}, {"expression": "2 - 8"}, {"expression": "8 - 2"}])
+    assert prediction.answer == 6 and prediction.agreement == 2 / 3
+
+
+def test_reversed_difference_negates_only_a_last_subtraction():
+    from programs.math import reversed_difference
+
+    assert reversed_difference("5 - 18") == "18 - 5"
+    assert reversed_difference("12 - (3 + 20)") == "3 + 20 - 12"
+    assert reversed_difference("3 - 4 - 5") == "5 - (3 - 4)"
+    assert reversed_difference("(2 - 9) * 3") is None and reversed_difference("7") is None
+
+
 def test_the_answers_domain_is_saved_with_the_program(tmp_path):
     # A training answer of -3 whose equation is wrong: not in the pool, but negatives are possible answers.
     # Judged again from the saved pool alone, a restored program would reject them.

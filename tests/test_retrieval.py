@@ -103,6 +103,62 @@ def test_neighbours_that_agree_answer_without_a_call():
     assert prediction.intent == "top_up_failed" and lm.history == []
 
 
+def test_the_classifier_ranks_every_pool_label_by_probability():
+    retriever = Retriever(("query",))
+    retriever.fill(POOL)
+    ranked = retriever.ranked("intent", query="top up")
+    assert ranked[0][0] == "top_up_failed" and sorted(label for label, _ in ranked) == sorted(LABELS)
+    assert [p for _, p in ranked] == sorted((p for _, p in ranked), reverse=True)
+    assert abs(sum(p for _, p in ranked) - 1) < 1e-9
+
+
+def test_ranker_logreg_orders_the_choices_by_the_classifier_not_the_vote():
+    # The one near neighbour of "exchange my card" is exchange_rate, which the weighted vote puts first; the
+    # classifier, fitted on a pool where card_arrival and top_up_failed have two examples each, does not.
+    query = "exchange my card"
+    _, lm = ask(program(k=7), [{"intent": "exchange_rate"}], query)
+    assert choices_shown(lm)[0] == "exchange_rate"
+    built = program(k=7, ranker="logreg", candidates=2)
+    _, lm = ask(built, [{"intent": "card_arrival"}], query)
+    assert choices_shown(lm) == [label for label, _ in built.retrieve.ranked("intent", query=query)[:2]]
+    assert choices_shown(lm) == ["card_arrival", "top_up_failed"]
+
+
+def test_per_choice_demos_show_each_choice_not_the_nearest():
+    # The nearest example of "exchange my card" is an exchange_rate one, which is not among the classifier's two
+    # choices: with per_choice = 1 the demos are the nearest card_arrival and the nearest top_up_failed example.
+    built = program(k=7, ranker="logreg", candidates=2, per_choice=1)
+    _, lm = ask(built, [{"intent": "card_arrival"}], "exchange my card")
+    lines = [line for line in lm.history[-1]["messages"][-1]["content"].splitlines() if " -> " in line]
+    assert sorted(line.rsplit(" -> ", 1)[1] for line in lines) == ["card_arrival", "top_up_failed"]
+    found = built.retrieve.nearest_of("intent", ["card_arrival", "top_up_failed"], 2, query="exchange my card")
+    assert sorted(str(e.intent) for e, _ in found) == ["card_arrival"] * 2 + ["top_up_failed"] * 2
+    assert [similarity for _, similarity in found] == sorted((s for _, s in found), reverse=True)
+
+
+def test_a_sure_first_choice_answers_without_a_call():
+    # "new card not arrived": the classifier gives card_arrival 45%. sure = 40 answers it with no call (DummyLM
+    # has no answer to give); sure = 50 asks the model.
+    prediction, lm = ask(program(k=7, ranker="logreg", sure=40), [], "new card not arrived")
+    assert prediction.intent == "card_arrival" and prediction.steps == 0 and lm.history == []
+    prediction, lm = ask(program(k=7, ranker="logreg", sure=50), [{"intent": "card_linking"}], "new card not arrived")
+    assert prediction.intent == "card_linking" and len(lm.history) == 1
+    # With the vote, the share is the first label's part of the weighted votes: 2 of 7 with one vote each.
+    prediction, lm = ask(program(k=7, weight=0, sure=28), [], "new card not arrived")
+    assert prediction.intent == "card_arrival" and lm.history == []
+    _, lm = ask(program(k=7, weight=0, sure=29), [{"intent": "card_arrival"}], "new card not arrived")
+    assert len(lm.history) == 1
+
+
+def test_an_unknown_ranker_is_a_clear_error():
+    with pytest.raises(ProgramError, match="ranker 'bm25' is not one of: votes, logreg"):
+        program(ranker="bm25")
+    built = program()
+    built.settings.values["ranker"] = "bm25"  # as a settings search would set it
+    with pytest.raises(ProgramError, match="ranker 'bm25'"):
+        ask(built, [], "top up")
+
+
 def test_a_rejected_answer_is_retried_over_all_labels():
     # ChatAdapter has no decoding grammar: an answer outside the choices reaches the label check.
     adapter = dspy.ChatAdapter(use_json_adapter_fallback=False)
