@@ -6,8 +6,8 @@ dataset. The index is TF-IDF (scikit-learn) over the examples' input text, fitte
 are set; `embedder = "minilm"` uses sentence-transformers embeddings instead, where that extra is
 installed. Over the same vectors a retriever also ranks the examples' labels with a logistic regression
 (`ranked`), fitted on first use: on Banking77 it ranks the gold label first more often than the
-neighbours' vote does (README). The pipeline fills every retriever of a built program with the whole training split
-(`fill_retrievers`), whatever number of examples an optimizer compiles on.
+neighbours' vote does (README). The pipeline fills every retriever of a built program with the whole
+training split (`fill_retrievers`), whatever number of examples an optimizer compiles on.
 """
 
 from __future__ import annotations
@@ -171,7 +171,8 @@ class Retriever(Parameter):
 
     def ranked(self, field: str, **inputs: Any) -> list[tuple[str, float]]:
         """The labels the examples give `field`, most likely first for this query, with their probabilities
-        under a logistic regression over the index's vectors (fitted once per field, ~10 s on 10,000 examples)."""
+        under a logistic regression over the index's vectors (fitted on first use, once per field: 13 s for
+        Banking77's 9,803 training requests, measured with this machine's 2 cores busy elsewhere)."""
         index, built = self.index(), self._built
         with built.lock:
             model = built.classifiers.get(field)
