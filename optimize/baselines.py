@@ -19,7 +19,7 @@ from typing import Any, Callable
 import dspy
 import numpy as np
 # Imported with the module, not while a baseline fits: the second sklearn takes to import is not fit time.
-from sklearn.linear_model import LogisticRegression
+import sklearn.linear_model  # noqa: F401
 
 from optimize import cost
 from optimize.config import Experiment, ModelConfig, OptimizerConfig, ProgramConfig, Trial
@@ -30,10 +30,9 @@ from optimize.optimizers import input_text
 from optimize.registry import Registry
 from optimize.trial import Outcome, chain_metrics, prices
 from programs.metrics import LabelMatch
-from programs.retrieval import TFIDF, tfidf_vectorizer
+from programs.retrieval import LOGREG, TFIDF, logistic_regression, tfidf_vectorizer
 
 NO_MODEL = "none"  # the model spec a baseline's run shows: it calls no LM
-RANDOM_STATE = 0  # logistic regression's solver seed: a baseline does not vary with the experiment's seeds
 
 Predict = Callable[[str], str]
 
@@ -56,7 +55,7 @@ def _tfidf_1nn(texts: list[str], labels: list[str]) -> Predict:
 
 def _tfidf_logreg(texts: list[str], labels: list[str]) -> Predict:
     vectorizer = tfidf_vectorizer()
-    model = LogisticRegression(max_iter=2000, random_state=RANDOM_STATE).fit(vectorizer.fit_transform(texts), labels)
+    model = logistic_regression().fit(vectorizer.fit_transform(texts), labels)
     return lambda text: str(model.predict(vectorizer.transform([text]))[0])
 
 
@@ -64,7 +63,7 @@ _TFIDF = {"vectorizer": "tfidf", **{k: ",".join(map(str, v)) if isinstance(v, tu
 BASELINES: Registry[BaselineSpec] = Registry("baseline", {spec.name: spec for spec in (
     BaselineSpec("tfidf_1nn", "TF-IDF 1-nearest-neighbour (cosine)", {**_TFIDF, "classifier": "1nn"}, _tfidf_1nn),
     BaselineSpec("tfidf_logreg", "TF-IDF logistic regression",
-                 {**_TFIDF, "classifier": "logreg", "max_iter": 2000, "random_state": RANDOM_STATE}, _tfidf_logreg),
+                 {**_TFIDF, "classifier": "logreg", **LOGREG}, _tfidf_logreg),
 )})
 
 

