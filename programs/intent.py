@@ -246,12 +246,9 @@ class IntentRetrieve(dspy.Module):
             record.note(f"{top_votes} of {len(neighbours)} neighbours have label {label}, its share "
                         f"{100 * share:.0f}%: no call")
         else:
-            if self.settings["per_choice"]:
-                with step("retrieve"):
-                    shown = [e for e, _ in self.retrieve.nearest_of(self.output, choices, self.settings["per_choice"],
-                                                                    **inputs)]
-            else:
-                shown = neighbours
+            per_choice = self.settings["per_choice"]
+            shown = ([e for e, _ in self.retrieve.nearest_of(self.output, choices, per_choice, **inputs)]
+                     if per_choice else neighbours)
             demos = shown[::-1] if self.settings["nearest_last"] else shown
             with step("classify"):
                 try:

@@ -363,11 +363,10 @@ class MathExpression(dspy.Module):
                     record.accept("calculate", text)
                     if reason := self.retrieve.implausible(value):
                         record.fail(f"attempt {attempt + 1}: {str(text).strip()} = {reason}", "answer_domain", value)
-                        if self.settings["repair"] and (fixed := reversed_difference(str(text).strip())):
-                            value = calculate(fixed)
-                            if not self.retrieve.implausible(value):
-                                computed.append((value, fixed))
-                                record.note(f"repaired: {fixed} = {format_number(value)}")
+                        fixed = reversed_difference(str(text).strip()) if self.settings["repair"] else None
+                        if fixed and not self.retrieve.implausible(-value):  # b - a is -(a - b)
+                            computed.append((-value, fixed))
+                            record.note(f"repaired: {fixed} = {format_number(-value)}")
                     else:
                         record.accept("answer_domain", value)
                         computed.append((value, str(text).strip()))
