@@ -1,5 +1,6 @@
 """Math word problems: one-shot, with reasoning, a decomposed chain whose arithmetic a calculator does,
-and one expression over the problem's own numbers, decoded under a grammar that admits nothing else."""
+one expression over the problem's own numbers, decoded under a grammar that admits nothing else, and
+free reasoning in the model's own words with the answer in a box."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pydantic
 
 from programs.contract import OUTPUT_SCHEMA, ProgramError, step
 from programs.metrics import NumericMatch
+from programs.reasoning import BOX_INSTRUCTIONS, REASONING, BoxedAnswerAdapter, boxed_number
 from programs.registry import ProgramSpec, Record, TaskLike, Tunable, UnreadableOutput, ask
 from programs.retrieval import Retriever
 from programs.validators import CalculatorError, Number, calculate, evaluate_steps, format_number, parse_number
@@ -376,11 +378,7 @@ class MathExpression(dspy.Module):
             attempt += 1
         if not computed:
             return record.prediction(**{self.output: None, EXPRESSION: None, "agreement": 0.0})
-        votes = Counter(value for value, _ in computed)
-        value = max(votes, key=votes.__getitem__)  # the first value to reach the top count
-        agreement = votes[value] / self.settings["samples"]
-        if self.settings["samples"] > 1:
-            record.note(f"vote: {format_number(value)} from {votes[value]} of {self.settings['samples']} samples")
+        value, agreement = majority([value for value, _ in computed], self.settings["samples"], record)
         expression = next(text for v, text in computed if v == value)
         return record.prediction(**{self.output: value, EXPRESSION: expression, "agreement": agreement})
 
@@ -408,6 +406,16 @@ class MathExpression(dspy.Module):
             first.setdefault(value, expression)
         ranked = sorted(first, key=lambda v: -votes[v])  # stable: the nearer first among equal votes
         return [(first[value], value, votes[value]) for value in ranked[:self.settings["choices"]]]
+
+
+def majority(values: Sequence[Number], samples: int, record: Record) -> tuple[Number, float]:
+    """The value most of `values` are (ties: the earlier) and its share of the `samples` asked for: a sample
+    with no value counts against it. The vote is noted when there was one."""
+    votes = Counter(values)
+    value = max(votes, key=votes.__getitem__)  # the first value to reach the top count
+    if samples > 1:
+        record.note(f"vote: {format_number(value)} from {votes[value]} of {samples} samples")
+    return value, votes[value] / samples
 
 
 def transfer_expression(expression: str, source: Sequence[str], numbers: Sequence[str]) -> str | None:
@@ -443,6 +451,62 @@ def _compute_expression(text: str, pattern: str) -> Number:
     return calculate(text)
 
 
+# ---------------------------------------------------------------- the model's own way of showing work
+
+class MathReason(dspy.Module):
+    """Free reasoning in the model's own words, the answer in a box (programs.reasoning).
+
+    An instruction-tuned model was trained to solve a word problem one way: step by step in plain text,
+    then `\\boxed{answer}`; asked so, with nothing else in the prompt, Qwen2.5-Coder-0.5B solves GSM8K
+    problems that it fails through a JSON adapter (math.cot) or under an expression grammar (math.expr). The
+    reply is free text, so no grammar narrows sampling; the box is read by `boxed_number`, and a reply
+    without one (cut off by max_tokens, or never boxed) is a recorded failure, sampled again up to
+    `max_retries` more calls. With `samples` > 1 the first reply is greedy and the others sampled, and the
+    value most of them box wins (ties: the earlier); its share of the samples is returned as `agreement`,
+    the doubt signal a cascade reads.
+    """
+
+    def __init__(self, task: TaskLike, samples: int = 1, max_retries: int = 1):
+        super().__init__()
+        if samples < 1 or max_retries < 0:
+            raise ProgramError(f"math.reason needs samples >= 1 and max_retries >= 0, got samples={samples}, "
+                               f"max_retries={max_retries}")
+        self.inputs, self.output = tuple(task.input_fields), task.answer_field
+        self.settings = Tunable(samples=samples, max_retries=max_retries)
+        self.solve = dspy.Predict(dspy.Signature(
+            {**_inputs(task), REASONING: (str, dspy.OutputField(desc="the steps, in the model's own words")),
+             self.output: (str, dspy.OutputField(desc="the final answer, boxed"))},
+            BOX_INSTRUCTIONS,
+        ))
+
+    def forward(self, **kwargs: Any) -> dspy.Prediction:
+        record = Record()
+        inputs = {name: kwargs[name] for name in self.inputs}
+        computed: list[Number] = []
+        samples, attempt = self.settings["samples"], 0
+        while len(computed) < samples and attempt < samples + self.settings["max_retries"]:
+            if attempt >= samples:
+                record.retry()
+            config = {"temperature": SAMPLE_TEMPERATURE, "seed": attempt} if attempt else {}
+            record.steps += 1
+            name = "reason" if not attempt else "reason.sample" if attempt < samples else "reason.retry"
+            with step(name), dspy.context(adapter=BoxedAnswerAdapter()):
+                boxed = None
+                try:
+                    boxed, note = ask(self.solve, self.output, {**inputs, "config": config}, record)
+                    record.note(note)
+                    computed.append(boxed_number(str(boxed)))
+                    record.accept("boxed_number", boxed)
+                    record.note(f"boxed: {boxed} = {format_number(computed[-1])}")
+                except ValueError as e:  # UnreadableOutput (no box), or no number in the box
+                    record.fail(f"attempt {attempt + 1}: {e}", "boxed_number", boxed)
+            attempt += 1
+        if not computed:
+            return record.prediction(**{self.output: None, "agreement": 0.0})
+        value, agreement = majority(computed, samples, record)
+        return record.prediction(**{self.output: value, "agreement": agreement})
+
+
 def _numeric_metric(task: TaskLike) -> NumericMatch:
     return NumericMatch(task.answer_field)
 
@@ -464,5 +528,10 @@ SPECS = (
         MathExpression, _numeric_metric, settings={"k": 4, "samples": 1, "nearest_last": 1, "max_retries": 2,
                                                     "choices": 8, "choices_from": 32, "agree": 0,
                                                     "embedder": "tfidf", "repair": 0},
+    ),
+    ProgramSpec(
+        "math.reason", "math",
+        "free reasoning in the model's own words, the answer in a \\boxed{}; optional self-consistency vote",
+        MathReason, _numeric_metric, settings={"samples": 1, "max_retries": 1},
     ),
 )
