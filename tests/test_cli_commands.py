@@ -12,7 +12,8 @@ from optimize.cli import main
 PROGRAMS = {"intent.predict": "intent", "intent.cot": "intent", "intent.chain": "intent",
             "intent.retrieve": "intent",
             "multilabel.predict": "multilabel", "multilabel.retrieve": "multilabel",
-            "math.predict": "math", "math.cot": "math", "math.chain": "math", "math.expr": "math"}
+            "math.predict": "math", "math.cot": "math", "math.chain": "math", "math.expr": "math",
+            "math.reason": "math"}
 
 
 def _json(capsys, *argv: str):

@@ -44,6 +44,7 @@ SCRIPTS = {
     "math.cot": (MATH, [{"reasoning": "48 + 24", "answer": "72"}], 72, 1),
     "math.chain": (MATH, [PLAN], 72, 1),
     "math.expr": (MATH, [{"expression": "48 + 48"}], 96, 1),  # only 48 is written in the question
+    "math.reason": (MATH, [{"reasoning": "48 + 24 = 72, so \\boxed{72}", "answer": "72"}], 72, 1),
 }
 INPUTS = {"intent": {"query": "Where is my new card?"}, "multilabel": {"query": "Where is my new card?"},
           "math": {"question": "Natalia sold 48 clips..."}}
@@ -78,7 +79,7 @@ def run(program, answers, **inputs):
 
 def test_registry_lists_every_program():
     assert [spec.name for spec in list_programs()] == sorted(SCRIPTS)
-    assert [spec.name for spec in list_programs("math")] == ["math.chain", "math.cot", "math.expr", "math.predict"]
+    assert [spec.name for spec in list_programs("math")] == ["math.chain", "math.cot", "math.expr", "math.predict", "math.reason"]
     for spec in list_programs():
         assert spec.description and spec.kind in ("intent", "multilabel", "math")
 
