@@ -16,7 +16,7 @@ from programs.contract import OUTPUT_SCHEMA, ProgramError, step
 from programs.metrics import NumericMatch
 from programs.reasoning import BOX_INSTRUCTIONS, REASONING, BoxedAnswerAdapter, boxed_number
 from programs.registry import ProgramSpec, Record, TaskLike, Tunable, UnreadableOutput, ask
-from programs.retrieval import Retriever
+from programs.retrieval import AnswerDomain, Retriever
 from programs.validators import CalculatorError, Number, calculate, evaluate_steps, format_number, parse_number
 
 NO_FEEDBACK = "none"  # the planner's feedback on a first try; a constant, so demos and cache stay stable
@@ -238,44 +238,31 @@ def demo_expression(example: dict[str, Any], question: str, answer_field: str) -
 class ExpressionPool(Retriever):
     """A retriever over the training examples that have an expression (`demo_expression`), added to each
     as `expression`: only those can show the model what to write. It also learns what an answer looks
-    like: when every training answer is whole, or none is negative, an answer that is not is implausible."""
+    like (`AnswerDomain`: when every training answer is whole, or none is negative, an answer that is not
+    is implausible)."""
 
     def __init__(self, input_fields: Sequence[str], answer_field: str, embedder: str = "tfidf"):
         super().__init__(input_fields, embedder=embedder)
         self.answer_field = answer_field
-        self.whole = self.non_negative = False
+        self.domain = AnswerDomain(answer_field)
 
     def fill(self, examples: Iterable[dspy.Example | dict[str, Any]]) -> None:
         rows = [dict(e.toDict() if isinstance(e, dspy.Example) else e) for e in examples]
-        answers = [number for row in rows if (number := _number_or_none(row.get(self.answer_field))) is not None]
-        self.whole = bool(answers) and all(float(a).is_integer() for a in answers)
-        self.non_negative = bool(answers) and all(a >= 0 for a in answers)
+        self.domain = AnswerDomain(self.answer_field)  # a new one: copies of this pool keep theirs
+        self.domain.fill(rows)
         with_expressions = [(row, demo_expression(row, self.text(row), self.answer_field)) for row in rows]
         super().fill([{**row, EXPRESSION: expression} for row, expression in with_expressions if expression])
 
     def implausible(self, value: Number) -> str | None:
-        """Why `value` cannot be an answer, judged by the training answers; None when it can."""
-        if self.non_negative and value < 0:
-            return f"{format_number(value)} is negative; no training answer is"
-        if self.whole and not float(value).is_integer():
-            return f"{format_number(value)} is not a whole number; every training answer is"
-        return None
+        return self.domain.implausible(value)
 
     def dump_state(self, json_mode: bool = True) -> dict[str, Any]:
-        return {**super().dump_state(json_mode), "whole": self.whole, "non_negative": self.non_negative}
+        return {**super().dump_state(json_mode), **self.domain.dump_state()}
 
     def load_state(self, state: dict[str, Any]) -> "ExpressionPool":
         super().load_state(state)  # fill() judges the saved examples only: the whole split's verdict is saved
-        self.whole = bool(state.get("whole", self.whole))
-        self.non_negative = bool(state.get("non_negative", self.non_negative))
+        self.domain.load_state(state)
         return self
-
-
-def _number_or_none(value: Any) -> Number | None:
-    try:
-        return parse_number(value)
-    except ValueError:
-        return None
 
 
 class MathExpression(dspy.Module):
@@ -459,8 +446,9 @@ class MathReason(dspy.Module):
     An instruction-tuned model was trained to solve a word problem one way: step by step in plain text,
     then `\\boxed{answer}`; asked so, with nothing else in the prompt, Qwen2.5-Coder-0.5B solves GSM8K
     problems that it fails through a JSON adapter (math.cot) or under an expression grammar (math.expr). The
-    reply is free text, so no grammar narrows sampling; the box is read by `boxed_number`, and a reply
-    without one (cut off by max_tokens, or never boxed) is a recorded failure, sampled again up to
+    reply is free text, so no grammar narrows sampling; the box is read by `boxed_number`. A reply without
+    one (cut off by max_tokens, or never boxed), or a value no training answer resembles (negative, or a
+    fraction, where none of them is: `AnswerDomain`), is a recorded failure, sampled again up to
     `max_retries` more calls. With `samples` > 1 the first reply is greedy and the others sampled, and the
     value most of them box wins (ties: the earlier); its share of the samples is returned as `agreement`,
     the doubt signal a cascade reads.
@@ -473,6 +461,7 @@ class MathReason(dspy.Module):
                                f"max_retries={max_retries}")
         self.inputs, self.output = tuple(task.input_fields), task.answer_field
         self.settings = Tunable(samples=samples, max_retries=max_retries)
+        self.domain = AnswerDomain(task.answer_field)  # filled with the training split, like a retriever
         self.solve = dspy.Predict(dspy.Signature(
             {**_inputs(task), REASONING: (str, dspy.OutputField(desc="the steps, in the model's own words")),
              self.output: (str, dspy.OutputField(desc="the final answer, boxed"))},
@@ -495,9 +484,14 @@ class MathReason(dspy.Module):
                 try:
                     boxed, note = ask(self.solve, self.output, {**inputs, "config": config}, record)
                     record.note(note)
-                    computed.append(boxed_number(str(boxed)))
+                    value = boxed_number(str(boxed))
                     record.accept("boxed_number", boxed)
-                    record.note(f"boxed: {boxed} = {format_number(computed[-1])}")
+                    if reason := self.domain.implausible(value):
+                        record.fail(f"attempt {attempt + 1}: {boxed} = {reason}", "answer_domain", value)
+                    else:
+                        record.accept("answer_domain", value)
+                        computed.append(value)
+                        record.note(f"boxed: {boxed} = {format_number(value)}")
                 except ValueError as e:  # UnreadableOutput (no box), or no number in the box
                     record.fail(f"attempt {attempt + 1}: {e}", "boxed_number", boxed)
             attempt += 1

@@ -22,6 +22,7 @@ import numpy as np
 from dspy.predict.parameter import Parameter
 
 from programs.contract import ProgramError
+from programs.validators import format_number, parse_number
 
 EMBEDDERS = ("tfidf", "minilm")
 
@@ -209,7 +210,49 @@ def retrievers(program: dspy.Module) -> list[tuple[str, Retriever]]:
     return [(name, p) for name, p in program.named_parameters() if isinstance(p, Retriever)]
 
 
+class AnswerDomain(Parameter):
+    """What every training answer is like, learned from the training split like a retriever's examples: a
+    whole number, or not negative. An answer unlike all of them (a fraction where every one is whole) is
+    implausible, a slip worth another try. With no numeric training answers nothing is implausible."""
+
+    def __init__(self, answer_field: str):
+        self.answer_field = answer_field
+        self.whole = self.non_negative = False
+
+    def fill(self, examples: Iterable[dspy.Example | dict[str, Any]]) -> None:
+        answers = []
+        for example in examples:
+            row = example.toDict() if isinstance(example, dspy.Example) else example
+            try:
+                answers.append(parse_number(row.get(self.answer_field)))
+            except ValueError:
+                continue
+        self.whole = bool(answers) and all(float(a).is_integer() for a in answers)
+        self.non_negative = bool(answers) and all(a >= 0 for a in answers)
+
+    def implausible(self, value: float) -> str | None:
+        """Why `value` cannot be an answer, judged by the training answers; None when it can."""
+        if self.non_negative and value < 0:
+            return f"{format_number(value)} is negative; no training answer is"
+        if self.whole and not float(value).is_integer():
+            return f"{format_number(value)} is not a whole number; every training answer is"
+        return None
+
+    def reset(self) -> None:
+        """Learned from the training split when the program is built, not by optimizers."""
+
+    def dump_state(self, json_mode: bool = True) -> dict[str, Any]:
+        return {"whole": self.whole, "non_negative": self.non_negative}
+
+    def load_state(self, state: dict[str, Any]) -> "AnswerDomain":
+        self.whole = bool(state.get("whole", self.whole))
+        self.non_negative = bool(state.get("non_negative", self.non_negative))
+        return self
+
+
 def fill_retrievers(program: dspy.Module, examples: Sequence[dspy.Example]) -> None:
-    """Give every retrieval step of `program` these examples to retrieve from."""
-    for _, retriever in retrievers(program):
-        retriever.fill(examples)
+    """Give every part of `program` that learns from the training split (a retrieval step, an answer domain)
+    these examples."""
+    for _, part in program.named_parameters():
+        if isinstance(part, (Retriever, AnswerDomain)):
+            part.fill(examples)

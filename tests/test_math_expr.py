@@ -211,12 +211,12 @@ def test_the_answers_domain_is_saved_with_the_program(tmp_path):
     built = get_program("math.expr").build(TASK)
     fill_retrievers(built, [*POOL, dspy.Example(question="It was 2 degrees and fell 5", answer="-3",
                                                 equation="( 2.0 + 5.0 )").with_inputs("question")])
-    assert not built.retrieve.non_negative and all(e["answer"] != "-3" for e in built.retrieve.examples)
+    assert not built.retrieve.domain.non_negative and all(e["answer"] != "-3" for e in built.retrieve.examples)
     path = tmp_path / "program.json"
     built.save(str(path))
     restored = get_program("math.expr").build(TASK)
     restored.load(str(path))
-    assert not restored.retrieve.non_negative and restored.retrieve.implausible(-3) is None
+    assert not restored.retrieve.domain.non_negative and restored.retrieve.implausible(-3) is None
 
 
 def test_a_tie_goes_to_the_greedy_sample():
