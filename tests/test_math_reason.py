@@ -15,6 +15,7 @@ from optimize.llm.engine import build_lm
 from optimize.llm.models import QWEN
 from optimize.trial import adapter, get_program
 from programs.contract import ProgramError
+from programs.retrieval import fill_retrievers
 from programs.reasoning import BOX_INSTRUCTIONS, BoxedAnswerAdapter, boxed_number, last_box
 
 TASK = Task("gsm8k", "math", ("question",), "answer")
@@ -28,9 +29,11 @@ class Replies:
         return next(value for field, value in fields.items() if field.name == "reasoning")
 
 
-def run(replies, samples=1, max_retries=1, demos=()):
+def run(replies, samples=1, max_retries=1, demos=(), train=()):
     built = get_program("math.reason").build(TASK, samples=samples, max_retries=max_retries)
     built.solve.demos = list(demos)
+    fill_retrievers(built, [dspy.Example(question=f"problem {n}", answer=a).with_inputs("question")
+                            for n, a in enumerate(train)])
     lm = DummyLM([{"reasoning": reply} for reply in replies], adapter=Replies())
     with dspy.context(lm=lm, adapter=adapter()):  # the run's JSON adapter: the program must not use it
         return built(question=QUESTION), lm
@@ -121,6 +124,32 @@ def test_samples_vote_and_agreement_is_the_winners_share():
     prediction, _ = run(["\\boxed{12}", "\\boxed{10}", "\\boxed{10.0}"], samples=3)
     assert prediction.answer == 10 and prediction.agreement == pytest.approx(2 / 3)
     assert prediction.trace_notes[-1] == "vote: 10 from 2 of 3 samples"
+
+
+def test_an_answer_unlike_every_training_answer_is_sampled_again():
+    """Fails if the training split is not learned (the fraction would be the answer) or the rejection is
+    not recorded as the answer-domain check's."""
+    prediction, lm = run(["\\boxed{2.4}", "\\boxed{4}"], train=["12", "7", "1,200"])
+    assert prediction.answer == 4 and (prediction.steps, prediction.retries, prediction.validator_failures) == (2, 1, 1)
+    assert prediction.trace_notes[0] == "attempt 1: 2.4 = 2.4 is not a whole number; every training answer is"
+    assert lm.history[1]["kwargs"]["temperature"] > 0
+
+
+def test_with_no_training_split_any_number_is_an_answer():
+    """Fails if an empty domain rejects answers (an eval with train = 0 would answer nothing)."""
+    prediction, _ = run(["\\boxed{-2.5}"])
+    assert prediction.answer == -2.5 and prediction.validator_failures == 0
+
+
+def test_the_learned_domain_survives_save_and_load(tmp_path):
+    """Fails if an exported program forgets what the training answers were like."""
+    built = get_program("math.reason").build(TASK)
+    fill_retrievers(built, [dspy.Example(question="q", answer="3").with_inputs("question")])
+    built.save(str(tmp_path / "program.json"))
+    restored = get_program("math.reason").build(TASK)
+    restored.load(str(tmp_path / "program.json"))
+    assert restored.domain.implausible(-1) == "-1 is negative; no training answer is"
+    assert restored.domain.implausible(0.5) == "0.5 is not a whole number; every training answer is"
 
 
 def test_bad_settings_are_one_line():
