@@ -7,7 +7,7 @@ from __future__ import annotations
 import ast
 import re
 from collections import Counter
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence, Sized
 
 import dspy
 import pydantic
@@ -335,13 +335,8 @@ class MathExpression(dspy.Module):
         narrowed = (self.write.signature.with_updated_fields(EXPRESSION, **{OUTPUT_SCHEMA: {"enum": options}})
                     if options else free)
         computed: list[tuple[Number, str]] = []
-        samples, attempt = self.settings["samples"], 0
-        while len(computed) < samples and attempt < samples + self.settings["max_retries"]:
-            if attempt >= samples:
-                record.retry()
-            config = {"temperature": SAMPLE_TEMPERATURE, "seed": attempt} if attempt else {}
-            record.steps += 1
-            name = "expression" if not attempt else "expression.sample" if attempt < samples else "expression.retry"
+        samples = self.settings["samples"]
+        for attempt, config, name in sampling(record, samples, self.settings["max_retries"], computed, "expression"):
             with step(name):
                 text = value = None
                 try:
@@ -362,7 +357,6 @@ class MathExpression(dspy.Module):
                         record.note(f"{computed[-1][1]} = {format_number(value)}")
                 except (CalculatorError, UnreadableOutput) as e:
                     record.fail(f"attempt {attempt + 1}: {e}", "calculate", text)
-            attempt += 1
         if not computed:
             return record.prediction(**{self.output: None, EXPRESSION: None, "agreement": 0.0})
         value, agreement = majority([value for value, _ in computed], self.settings["samples"], record)
@@ -393,6 +387,21 @@ class MathExpression(dspy.Module):
             first.setdefault(value, expression)
         ranked = sorted(first, key=lambda v: -votes[v])  # stable: the nearer first among equal votes
         return [(first[value], value, votes[value]) for value in ranked[:self.settings["choices"]]]
+
+
+def sampling(record: Record, samples: int, max_retries: int, kept: Sized,
+             name: str) -> Iterator[tuple[int, dict[str, Any], str]]:
+    """The calls of a program that samples, as (attempt, call config, step name): the first greedy, the
+    other `samples` - 1 sampled at SAMPLE_TEMPERATURE (seeded by the attempt), then sampled retries while
+    fewer than `samples` answers were `kept`, up to `max_retries`. Counts each call and retry on `record`."""
+    attempt = 0
+    while len(kept) < samples and attempt < samples + max_retries:
+        if attempt >= samples:
+            record.retry()
+        record.steps += 1
+        yield (attempt, {"temperature": SAMPLE_TEMPERATURE, "seed": attempt} if attempt else {},
+               name if not attempt else f"{name}.sample" if attempt < samples else f"{name}.retry")
+        attempt += 1
 
 
 def majority(values: Sequence[Number], samples: int, record: Record) -> tuple[Number, float]:
@@ -472,13 +481,8 @@ class MathReason(dspy.Module):
         record = Record()
         inputs = {name: kwargs[name] for name in self.inputs}
         computed: list[Number] = []
-        samples, attempt = self.settings["samples"], 0
-        while len(computed) < samples and attempt < samples + self.settings["max_retries"]:
-            if attempt >= samples:
-                record.retry()
-            config = {"temperature": SAMPLE_TEMPERATURE, "seed": attempt} if attempt else {}
-            record.steps += 1
-            name = "reason" if not attempt else "reason.sample" if attempt < samples else "reason.retry"
+        samples = self.settings["samples"]
+        for attempt, config, name in sampling(record, samples, self.settings["max_retries"], computed, "reason"):
             with step(name), dspy.context(adapter=BoxedAnswerAdapter()):
                 boxed = None
                 try:
@@ -494,7 +498,6 @@ class MathReason(dspy.Module):
                         record.note(f"boxed: {boxed} = {format_number(value)}")
                 except ValueError as e:  # UnreadableOutput (no box), or no number in the box
                     record.fail(f"attempt {attempt + 1}: {e}", "boxed_number", boxed)
-            attempt += 1
         if not computed:
             return record.prediction(**{self.output: None, "agreement": 0.0})
         value, agreement = majority(computed, samples, record)
