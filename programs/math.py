@@ -14,7 +14,7 @@ import pydantic
 
 from programs.contract import OUTPUT_SCHEMA, ProgramError, step
 from programs.metrics import NumericMatch
-from programs.reasoning import BOX_INSTRUCTIONS, REASONING, BoxedAnswerAdapter, boxed_number
+from programs.reasoning import BOX_INSTRUCTIONS, BOXED, REASONING, boxed_number
 from programs.registry import ProgramSpec, Record, TaskLike, Tunable, UnreadableOutput, ask
 from programs.retrieval import AnswerDomain, Retriever
 from programs.validators import CalculatorError, Number, calculate, evaluate_steps, format_number, parse_number
@@ -483,7 +483,7 @@ class MathReason(dspy.Module):
         computed: list[Number] = []
         samples = self.settings["samples"]
         for attempt, config, name in sampling(record, samples, self.settings["max_retries"], computed, "reason"):
-            with step(name), dspy.context(adapter=BoxedAnswerAdapter()):
+            with step(name), dspy.context(adapter=BOXED):
                 boxed = None
                 try:
                     boxed, note = ask(self.solve, self.output, {**inputs, "config": config}, record)

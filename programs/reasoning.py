@@ -3,8 +3,8 @@
 An instruction-tuned model learned to show its work one way: asked "Please reason step by step, and put your
 final answer within \\boxed{}." (Qwen2.5's prompt for maths), it writes its steps and then `\\boxed{42}`. Asked
 for JSON fields, with a schema in a system message, a 0.5B model reasons less and worse: `math.cot` through
-chainopt's JSON adapter gets 0% of GSM8K on Qwen2.5-Coder-0.5B (21 of 50 answers unparsed); the same model
-asked its own way got 9 of 30 in a probe. `BoxedAnswerAdapter` is a DSPy adapter that asks that way; a
+chainopt's JSON adapter got 0% of 50 GSM8K problems on Qwen2.5-Coder-0.5B (21 unparsed; the issue's
+measurement); the same model asked its own way got 9 of 30 in a probe (README). `BoxedAnswerAdapter` is a DSPy adapter that asks that way; a
 program runs its predictor under it (`dspy.context(adapter=...)`), so optimizers still see a plain
 `dspy.Predict` whose instructions and demos they can change.
 """
@@ -66,6 +66,9 @@ class BoxedAnswerAdapter(dspy.Adapter):
         if answer is None or not reasoning:
             return None
         return reasoning if last_box(reasoning) is not None else f"{reasoning}\n\nThe final answer is $\\boxed{{{answer}}}$."
+
+
+BOXED = BoxedAnswerAdapter()  # it keeps no state: one serves every call
 
 
 def _answer_field(signature: type[Signature]) -> str:
