@@ -400,8 +400,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chainopt: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        # The evaluation's worker threads are still inside their chains, and the interpreter waits for them
-        # at exit: closing the models makes each one's next token an error, so the process ends in seconds.
+        # run_experiment and predict_file close the models themselves (engine.closed_on_interrupt); this
+        # covers every command: worker threads left inside their chains would keep the interpreter at exit.
         from optimize.llm.engine import close_engines
 
         close_engines()

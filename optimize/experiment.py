@@ -23,7 +23,7 @@ from optimize.config import Experiment, Trial
 from optimize.data import Splits, Task, load_splits, split_source
 from optimize.errors import ChainoptError, ConfigError
 from optimize.interrupts import held, stop_on
-from optimize.llm.engine import count_tokens
+from optimize.llm.engine import closed_on_interrupt, count_tokens
 from optimize.llm.models import ModelInfo, describe
 from optimize.llm.settings import ModelConfig
 from optimize.optimizers import get_optimizer, resolve_settings, searchable
@@ -125,7 +125,8 @@ def run_experiment(exp: Experiment, source: Path | None = None, progress: Progre
     tracking.mark_killed(previous)  # a run left RUNNING was killed without a chance to say so (SIGKILL)
     results: list[TrialResult] = []
     source_text = source.read_text(encoding="utf-8") if source is not None else None
-    with stop_on(signal.SIGTERM), tracking.parent_run(experiment_id, exp, ehash, parent, source) as parent_id:
+    with stop_on(signal.SIGTERM), tracking.parent_run(experiment_id, exp, ehash, parent, source) as parent_id, \
+            closed_on_interrupt():
         # (trial, baseline name): the sweep's combinations, then each classical baseline ("" for none)
         work = [(trial, "") for trial in exp.combinations()]
         work += [(baselines.baseline_trial(exp, name), name) for name in exp.baselines]

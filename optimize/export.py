@@ -285,15 +285,16 @@ def read_inputs(path: Path, task: Task, columns: dict[str, str]) -> tuple[list[R
 def predict_file(folder: Path, input_path: Path, output_path: Path, *, model_spec: str | None = None,
                  force: bool = False, threads: int = 8) -> dict[str, Any]:
     """Run an exported program over a JSONL file; write one JSON line per input with its answer and record."""
-    from optimize.llm.engine import build_lm
+    from optimize.llm.engine import build_lm, closed_on_interrupt
     from optimize.trial import get_program, mean_score, score
 
     exported = load_export(folder, model_spec=model_spec, force=force)
     rows, examples = read_inputs(input_path, exported.task, input_columns(exported.manifest["data"], exported.task))
     answer = exported.task.answer_field
     metric = get_program(exported.manifest["program"]["name"]).metric(exported.task)
-    _, result = score(exported.program, examples, metric, exported.task, lm=build_lm(exported.model),
-                      threads=threads, label="predicting")
+    with closed_on_interrupt():
+        _, result = score(exported.program, examples, metric, exported.task, lm=build_lm(exported.model),
+                          threads=threads, label="predicting")
     records = sorted(result.records, key=lambda r: r.index)
     tmp = Path(output_path).with_suffix(".partial")
     with tmp.open("w") as handle:

@@ -120,3 +120,56 @@ def test_an_interrupted_command_stops_the_model_calls_in_flight():
     finally:
         child.kill()  # never left decoding on the cores, whatever failed
     assert child.returncode == 130 and "interrupted; finished runs are kept" in err, err
+
+
+API_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from concurrent.futures import ThreadPoolExecutor
+    from optimize import experiment
+    from optimize.config import parse_experiment
+    from optimize.llm.engine import get_engine
+    from optimize.llm.settings import ModelConfig
+    from optimize.llm.types import Generation
+
+    def endless_trial(trial, splits, progress, live):
+        # As endless_calls above, inside the sweep: four chains each decoding 4,000 tokens.
+        engine = get_engine(ModelConfig(spec="smollm2-135m", engine="sequential", n_ctx=4096))
+        tokens = tuple(engine.llama.tokenize(b"Write a and b again and again.", add_bos=False))
+        call = Generation(tokens=tokens, max_tokens=4000, grammar='root ::= "ab" root')
+        pool = ThreadPoolExecutor(4)
+        for _ in range(4):
+            pool.submit(engine.backend.generate, call)
+        pool.shutdown(wait=False)
+        print("ready", flush=True)
+        time.sleep(600)
+
+    experiment.run_trial = endless_trial
+    exp = parse_experiment({"name": "stop", "programs": [{"name": "intent.predict"}], "optimizers": [{"name": "none"}],
+                            "data": {"dataset": "banking77", "test": 2}, "tracking": {"uri": sys.argv[1]}})
+    try:
+        experiment.run_experiment(exp)  # run_experiment turns SIGTERM into KeyboardInterrupt itself
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        sys.exit(130)
+""")
+
+
+@pytest.mark.model
+def test_an_interrupted_api_run_stops_the_model_calls_in_flight(tmp_path):
+    """The same for a Python caller of run_experiment, with no CLI around it: fails if only the CLI closes
+    the models (the four 4,000-token calls then hold the interpreter at exit for minutes)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    child = subprocess.Popen([sys.executable, "-c", API_SCRIPT, uri], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, cwd=Path(__file__).resolve().parents[1],
+                             env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    try:
+        assert child.stdout.readline().strip() == "ready", child.stderr.read() if child.poll() is not None else ""
+        time.sleep(1.0)
+        child.send_signal(signal.SIGTERM)
+        try:
+            out, err = child.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("still decoding 30 s after SIGTERM") from None
+    finally:
+        child.kill()
+    assert child.returncode == 130 and "interrupted" in out, err

@@ -254,6 +254,19 @@ def close_engines() -> None:
             _engines.popitem()[1].close()
 
 
+@contextlib.contextmanager
+def closed_on_interrupt() -> Iterator[None]:
+    """Close every engine when Ctrl-C (or a stop signal turned into KeyboardInterrupt) leaves the block.
+    An interrupted evaluation leaves its worker threads inside their chains, and the interpreter waits for
+    them at exit: a closed model makes each one's next token an error, so the process ends in seconds, not
+    after every chain has decoded to its end. The next call loads the model again."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        close_engines()
+        raise
+
+
 def get_engine(cfg: ModelConfig) -> LlamaEngine:
     """One engine per (model file, runtime settings) in a process: loading is paid once per sweep."""
     info = describe(cfg.spec)
