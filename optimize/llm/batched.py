@@ -15,8 +15,12 @@ a short sequence decoded beside a long one got logits up to ~0.9 away from its s
 flip near-ties. So each step decodes the sequences of one padded length ("KV class") per llama_decode,
 over exactly the length the sequential engine uses for the same token, and prompt chunks go in their
 own llama_decode (a chunk packed with other sequences' tokens is split into differently shaped
-ubatches). llama.cpp puts only consecutive stream ids in one ubatch, so a new sequence takes a free
-slot beside decoding sequences of its class (`_destination`). Measured: sequences of equal length
+ubatches). llama.cpp puts only consecutive stream ids in one ubatch: a class whose sequences sit at
+scattered ids is decoded as several narrow ubatches, and on 2 cores a ubatch of 1 or 2 tokens costs per
+token what one of 8 costs for all 8 (the 0.5B: 21.5 ms for 1 token, 88 ms for 8). So a new sequence takes a
+free slot beside decoding sequences of its class (`_destination`), and before each step `_regroup` swaps
+whole streams (through one spare stream) until every class sits at consecutive ids; a swap moves a stream's
+cells bit for bit, so what each token attends over is unchanged. Measured: sequences of equal length
 decoded together gave bit-for-bit their solo logits; replayed through both engines, the batched
 answers equal the sequential ones on 200/200 Banking77 prompts and 89/89 GSM8K chain calls
 (`chainopt bench` reports the rate on every run). A draft verified in one multi-token ubatch would
@@ -31,7 +35,7 @@ and trimming it beyond the match (`llama_memory_seq_rm(dst, n, -1)`); only the r
 A request whose prompt shares more with a prompt still being computed waits for it instead of
 computing the same tokens twice.
 
-Memory is fixed at start: (parallel + max_prefixes) streams x cells_per_seq cells, and llama.cpp gives
+Memory is fixed at start: (parallel + max_prefixes + 1 spare) streams x cells_per_seq cells, and llama.cpp gives
 every stream the same number of cells, so a stream sized to the longest call the engine accepts (n_ctx)
 would make every slot pay for it. `cells_per_seq` is therefore the engine's `stream_cells` (what the
 usual call needs; default 1024), and a call longer than that goes to the backend `long` makes on first
@@ -136,15 +140,16 @@ class BatchedBackend:
         self.bytes_per_cell = kv_bytes_per_cell(llama._model.model)
         if kv_budget is not None:
             per_stream = self.cells_per_seq * self.bytes_per_cell
-            fit = kv_budget // per_stream - max_prefixes
+            fit = kv_budget // per_stream - max_prefixes - 1
             if fit < 1:
-                raise ModelError(f"a KV cache of {kv_budget / 1e6:.0f} MB holds no decoding slot: one slot and "
-                                 f"{max_prefixes} prefix streams of {self.cells_per_seq} cells need "
-                                 f"{(1 + max_prefixes) * per_stream / 1e6:.0f} MB; raise kv_cache_mb or lower n_ctx")
+                raise ModelError(f"a KV cache of {kv_budget / 1e6:.0f} MB holds no decoding slot: one slot, "
+                                 f"{max_prefixes} prefix streams and a spare of {self.cells_per_seq} cells need "
+                                 f"{(2 + max_prefixes) * per_stream / 1e6:.0f} MB; raise kv_cache_mb or lower n_ctx")
             parallel = min(parallel, fit)
         self.parallel, self.max_prefixes = parallel, max_prefixes
         self.n_batch = n_batch
-        n_streams = parallel + max_prefixes
+        n_streams = parallel + max_prefixes + 1
+        self.spare = n_streams - 1  # the stream a swap passes through (`_regroup`)
         self.context = RawContext(llama, n_ctx=n_streams * self.cells_per_seq, n_batch=n_batch, n_seq_max=n_streams,
                                   unified=False, n_threads=n_threads, flash_attn=flash_attn)
         cells = lc.llama_n_ctx_seq(self.context.ctx)
@@ -163,9 +168,10 @@ class BatchedBackend:
         # Free slots and the tokens their streams still hold, least recently freed first.
         self._free_slots: OrderedDict[int, np.ndarray] = OrderedDict((seq, EMPTY) for seq in range(parallel))
         self._prefixes: OrderedDict[int, _Prefix] = OrderedDict()  # LRU first
-        self._free_prefix_seqs = list(range(parallel, n_streams))
+        self._free_prefix_seqs = list(range(parallel, self.spare))
         self._admitted = 0
         self.copies = 0  # full-stream copies made (diagnostics)
+        self.swaps = 0  # streams swapped to regroup a class at consecutive ids (diagnostics)
         self.long_calls = 0  # calls longer than a stream, served by `long` (diagnostics)
         self.decoded: Counter[int] = Counter()  # tokens decoded per KV class (the bench's exact-layout floor)
         self._worker = threading.Thread(target=self._run, name="chainopt-batched-llama", daemon=True)
@@ -328,14 +334,53 @@ class BatchedBackend:
         """The KV length llama.cpp attends over for a ubatch whose longest stream uses `n_cells` cells."""
         return min(self.cells_per_seq, max(KV_PAD, -(-n_cells // KV_PAD) * KV_PAD))
 
+    def _by_class(self) -> dict[int, list[_Slot]]:
+        """The decoding sequences by the KV class their next token is computed in."""
+        by_class: dict[int, list[_Slot]] = {}
+        for slot in self._slots.values():
+            if not slot.in_prefill:
+                by_class.setdefault(self._kv_class(slot.n_past + 1), []).append(slot)
+        return by_class
+
+    def _regroup(self) -> None:
+        """Swap streams until each KV class's decoding sequences sit at consecutive ids, so each class is one
+        ubatch. Classes are placed largest first, each in the window of ids that already holds most of its
+        sequences and no class placed before it; the sequences outside move in, swapping with whatever held
+        those ids (another sequence, a free slot and its cached tokens). A class with no such window left
+        stays split."""
+        groups = sorted(self._by_class().values(), key=len, reverse=True)
+        if all(max(s.seq for s in slots) - min(s.seq for s in slots) == len(slots) - 1 for slots in groups):
+            return
+        placed: set[int] = set()
+        for slots in groups:  # a swap renumbers slots of classes not placed yet: read their ids afresh
+            n, members = len(slots), {s.seq for s in slots}
+            windows = [range(a, a + n) for a in range(self.parallel - n + 1) if placed.isdisjoint(range(a, a + n))]
+            if not windows:
+                continue
+            window = max(windows, key=lambda w: len(members.intersection(w)))  # the first of the best
+            for outside, hole in zip(sorted(members.difference(window)), [i for i in window if i not in members]):
+                self._swap(outside, hole)
+            placed.update(window)
+
+    def _swap(self, a: int, b: int) -> None:
+        """Exchange what streams `a` and `b` hold, and who holds them (a running sequence or a free slot)."""
+        self.context.swap(a, b, self.spare)
+        self.swaps += 1
+        with self._cond:
+            slots = {seq: self._slots.pop(seq) for seq in (a, b) if seq in self._slots}
+            for seq, slot in slots.items():
+                slot.seq = b if seq == a else a
+                self._slots[slot.seq] = slot
+            if a in self._free_slots or b in self._free_slots:
+                renamed = {a: b, b: a}
+                self._free_slots = OrderedDict((renamed.get(seq, seq), kept) for seq, kept in self._free_slots.items())
+
     def _step(self) -> None:
         """One round: a llama_decode per KV-length class of decoding sequences (a token each), then one per
         prompt chunk. A token is thus computed over the same padded KV length as in the sequential engine,
         which keeps the answers equal (see the module docstring)."""
-        by_class: dict[int, list[tuple[_Slot, int]]] = {}
-        for slot in self._slots.values():
-            if not slot.in_prefill:
-                by_class.setdefault(self._kv_class(slot.n_past + 1), []).append((slot, 1))
+        self._regroup()
+        by_class = {kv_class: [(slot, 1) for slot in slots] for kv_class, slots in self._by_class().items()}
         for kv_class, work in by_class.items():
             self.decoded[kv_class] += len(work)
         rounds = list(by_class.values())

@@ -59,6 +59,12 @@ class RawContext:
         self.lc.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
         self.drop(dst, n)
 
+    def swap(self, a: int, b: int, via: int) -> None:
+        """Exchange the whole streams of sequences `a` and `b`, through the stream of `via` (left holding a's
+        old tokens). The copies are applied at the next decode, in the order made, so the data follows."""
+        for src, dst in ((a, via), (b, a), (via, b)):
+            self.lc.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
+
     def drop(self, seq: int, start: int = 0) -> None:
         """Forget sequence `seq`'s tokens from position `start` on (all of them by default)."""
         self.lc.llama_memory_seq_rm(self.memory, seq, start, -1)
