@@ -76,24 +76,31 @@ def test_a_second_signal_breaks_through_a_held_block(ctrl_c):
     assert reached == []
 
 
-ENGINE_SCRIPT = textwrap.dedent("""
+# Four chains inside a model call that would decode 4,000 tokens each, left running as DSPy's evaluation
+# leaves its threads when interrupted.
+ENDLESS_CALLS = textwrap.dedent("""
     import signal, sys, time
     from concurrent.futures import ThreadPoolExecutor
-    from optimize import cli
-    from optimize.interrupts import stop_on
     from optimize.llm.engine import get_engine
     from optimize.llm.settings import ModelConfig
     from optimize.llm.types import Generation
 
-    def endless_calls(args, out):
-        # Four chains inside a model call that would decode 4,000 tokens each, one after the other.
+    def start_endless_calls():
         engine = get_engine(ModelConfig(spec="smollm2-135m", engine="sequential", n_ctx=4096))
         tokens = tuple(engine.llama.tokenize(b"Write a and b again and again.", add_bos=False))
         call = Generation(tokens=tokens, max_tokens=4000, grammar='root ::= "ab" root')
         pool = ThreadPoolExecutor(4)
         for _ in range(4):
             pool.submit(engine.backend.generate, call)
-        pool.shutdown(wait=False)  # as DSPy's evaluation leaves its threads when interrupted
+        pool.shutdown(wait=False)
+""")
+
+ENGINE_SCRIPT = ENDLESS_CALLS + textwrap.dedent("""
+    from optimize import cli
+    from optimize.interrupts import stop_on
+
+    def endless_calls(args, out):
+        start_endless_calls()
         with stop_on(signal.SIGTERM):
             print("ready", file=sys.__stdout__, flush=True)  # main() sends stdout to /dev/null
             time.sleep(600)
@@ -102,44 +109,12 @@ ENGINE_SCRIPT = textwrap.dedent("""
     sys.exit(cli.main(["models", "list"]))
 """)
 
-
-@pytest.mark.model
-def test_an_interrupted_command_stops_the_model_calls_in_flight():
-    """The interpreter waits at exit for the threads of an interrupted evaluation: without closing the
-    models on interrupt, four calls of 4,000 tokens ran to their end first (minutes on 2 cores)."""
-    child = subprocess.Popen([sys.executable, "-c", ENGINE_SCRIPT], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, cwd=Path(__file__).resolve().parents[1])
-    try:
-        assert child.stdout.readline().strip() == "ready"
-        time.sleep(1.0)
-        child.send_signal(signal.SIGTERM)
-        try:
-            out, err = child.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            raise AssertionError("still decoding 30 s after SIGTERM") from None
-    finally:
-        child.kill()  # never left decoding on the cores, whatever failed
-    assert child.returncode == 130 and "interrupted; finished runs are kept" in err, err
-
-
-API_SCRIPT = textwrap.dedent("""
-    import sys, time
-    from concurrent.futures import ThreadPoolExecutor
+API_SCRIPT = ENDLESS_CALLS + textwrap.dedent("""
     from optimize import experiment
     from optimize.config import parse_experiment
-    from optimize.llm.engine import get_engine
-    from optimize.llm.settings import ModelConfig
-    from optimize.llm.types import Generation
 
     def endless_trial(trial, splits, progress, live):
-        # As endless_calls above, inside the sweep: four chains each decoding 4,000 tokens.
-        engine = get_engine(ModelConfig(spec="smollm2-135m", engine="sequential", n_ctx=4096))
-        tokens = tuple(engine.llama.tokenize(b"Write a and b again and again.", add_bos=False))
-        call = Generation(tokens=tokens, max_tokens=4000, grammar='root ::= "ab" root')
-        pool = ThreadPoolExecutor(4)
-        for _ in range(4):
-            pool.submit(engine.backend.generate, call)
-        pool.shutdown(wait=False)
+        start_endless_calls()
         print("ready", flush=True)
         time.sleep(600)
 
@@ -154,12 +129,10 @@ API_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.model
-def test_an_interrupted_api_run_stops_the_model_calls_in_flight(tmp_path):
-    """The same for a Python caller of run_experiment, with no CLI around it: fails if only the CLI closes
-    the models (the four 4,000-token calls then hold the interpreter at exit for minutes)."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    child = subprocess.Popen([sys.executable, "-c", API_SCRIPT, uri], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+def stopped_when_ready(script: str, *args: str) -> tuple[int, str, str]:
+    """Run `script` until it prints "ready", send SIGTERM a second later: its exit code, stdout and stderr,
+    or a failure if it is still running 30 s after."""
+    child = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, cwd=Path(__file__).resolve().parents[1],
                              env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
     try:
@@ -171,5 +144,21 @@ def test_an_interrupted_api_run_stops_the_model_calls_in_flight(tmp_path):
         except subprocess.TimeoutExpired:
             raise AssertionError("still decoding 30 s after SIGTERM") from None
     finally:
-        child.kill()
-    assert child.returncode == 130 and "interrupted" in out, err
+        child.kill()  # never left decoding on the cores, whatever failed
+    return child.returncode, out, err
+
+
+@pytest.mark.model
+def test_an_interrupted_command_stops_the_model_calls_in_flight():
+    """The interpreter waits at exit for the threads of an interrupted evaluation: without closing the
+    models on interrupt, four calls of 4,000 tokens ran to their end first (minutes on 2 cores)."""
+    code, _, err = stopped_when_ready(ENGINE_SCRIPT)
+    assert code == 130 and "interrupted; finished runs are kept" in err, err
+
+
+@pytest.mark.model
+def test_an_interrupted_api_run_stops_the_model_calls_in_flight(tmp_path):
+    """The same for a Python caller of run_experiment, with no CLI around it: fails if only the CLI closes
+    the models (the four 4,000-token calls then hold the interpreter at exit for minutes)."""
+    code, out, err = stopped_when_ready(API_SCRIPT, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert code == 130 and "interrupted" in out, err

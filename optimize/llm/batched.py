@@ -348,16 +348,25 @@ class BatchedBackend:
         sequences and no class placed before it; the sequences outside move in, swapping with whatever held
         those ids (another sequence, a free slot and its cached tokens). A class with no such window left
         stays split."""
-        groups = sorted(self._by_class().values(), key=len, reverse=True)
-        if all(max(s.seq for s in slots) - min(s.seq for s in slots) == len(slots) - 1 for slots in groups):
+        by_class = self._by_class()
+        if all(max(s.seq for s in slots) - min(s.seq for s in slots) == len(slots) - 1 for slots in by_class.values()):
             return
         placed: set[int] = set()
-        for slots in groups:  # a swap renumbers slots of classes not placed yet: read their ids afresh
-            n, members = len(slots), {s.seq for s in slots}
+        # Largest first, ties by class: the same classes get the same order at every step, so two classes that
+        # cannot both be whole do not take the ids back from each other step after step.
+        for _, slots in sorted(by_class.items(), key=lambda item: (-len(item[1]), item[0])):
+            n, members = len(slots), {s.seq for s in slots}  # read afresh: a swap renumbers the slots it moves
             windows = [range(a, a + n) for a in range(self.parallel - n + 1) if placed.isdisjoint(range(a, a + n))]
             if not windows:
                 continue
-            window = max(windows, key=lambda w: len(members.intersection(w)))  # the first of the best
+
+            def fit(w: range) -> tuple[int, bool]:
+                """Most of the class already there; then a window against an end or a placed class, which
+                leaves the ids around it in one piece for the classes still to place."""
+                return len(members.intersection(w)), w.start == 0 or w.stop == self.parallel or (
+                    w.start - 1 in placed or w.stop in placed)
+
+            window = max(windows, key=fit)  # the first of the best
             for outside, hole in zip(sorted(members.difference(window)), [i for i in window if i not in members]):
                 self._swap(outside, hole)
             placed.update(window)
