@@ -16,8 +16,8 @@ flip near-ties. So each step decodes the sequences of one padded length ("KV cla
 over exactly the length the sequential engine uses for the same token, and prompt chunks go in their
 own llama_decode (a chunk packed with other sequences' tokens is split into differently shaped
 ubatches). llama.cpp puts only consecutive stream ids in one ubatch: a class whose sequences sit at
-scattered ids is decoded as several narrow ubatches, and on 2 cores a ubatch of 1 or 2 tokens costs per
-token what one of 8 costs for all 8 (the 0.5B: 21.5 ms for 1 token, 88 ms for 8). So a new sequence takes a
+scattered ids is decoded as several narrow ubatches, and on 2 cores eight one-token ubatches take twice
+the time of one ubatch of eight (the 0.5B: 21.5 ms for 1 token, 88 ms for 8). So a new sequence takes a
 free slot beside decoding sequences of its class (`_destination`), and before each step `_regroup` swaps
 whole streams (through one spare stream) until every class sits at consecutive ids; a swap moves a stream's
 cells bit for bit, so what each token attends over is unchanged. Measured: sequences of equal length
