@@ -342,13 +342,12 @@ class BatchedBackend:
                 by_class.setdefault(self._kv_class(slot.n_past + 1), []).append(slot)
         return by_class
 
-    def _regroup(self) -> None:
+    def _regroup(self, by_class: dict[int, list[_Slot]]) -> None:
         """Swap streams until each KV class's decoding sequences sit at consecutive ids, so each class is one
         ubatch. Classes are placed largest first, each in the window of ids that already holds most of its
         sequences and no class placed before it; the sequences outside move in, swapping with whatever held
         those ids (another sequence, a free slot and its cached tokens). A class with no such window left
-        stays split."""
-        by_class = self._by_class()
+        stays split. A swap changes a slot's id, never its class, so `by_class` stays right."""
         if all(max(s.seq for s in slots) - min(s.seq for s in slots) == len(slots) - 1 for slots in by_class.values()):
             return
         placed: set[int] = set()
@@ -388,11 +387,11 @@ class BatchedBackend:
         """One round: a llama_decode per KV-length class of decoding sequences (a token each), then one per
         prompt chunk. A token is thus computed over the same padded KV length as in the sequential engine,
         which keeps the answers equal (see the module docstring)."""
-        self._regroup()
-        by_class = {kv_class: [(slot, 1) for slot in slots] for kv_class, slots in self._by_class().items()}
-        for kv_class, work in by_class.items():
-            self.decoded[kv_class] += len(work)
-        rounds = list(by_class.values())
+        decoding = self._by_class()
+        self._regroup(decoding)
+        rounds = [[(slot, 1) for slot in slots] for slots in decoding.values()]
+        for kv_class, slots in decoding.items():
+            self.decoded[kv_class] += len(slots)
         room = self.n_batch
         for slot in sorted((s for s in self._slots.values() if s.in_prefill), key=lambda s: s.order):
             if room <= 0:
